@@ -1,0 +1,10 @@
+# The gateway as a .tac (e.g. under systemd: `twistd --nodaemon --pidfile= -y relaybus.tac`).
+# A .tac gets no command-line arguments: configure it with RELAYBUS_* environment variables,
+# one per `twistd relaybus` option (see the README), e.g. RELAYBUS_BROKER=amqp://... .
+from twisted.application.service import Application
+
+from relaybus.options import GatewayOptions
+from relaybus.service import GatewayService
+
+application = Application("relaybus")
+GatewayService(GatewayOptions.fromEnvironment().config).setServiceParent(application)

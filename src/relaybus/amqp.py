@@ -1,0 +1,467 @@
+"""The RabbitMQ bus: pika's Twisted adapter behind IRequestBus (gateways) and IWorkerBus (workers).
+
+Every AMQP name, property and header used here is part of the contract in docs/protocol.md;
+change them together. pika stays inside this module so that it can be swapped out.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+import pika
+from pika.adapters.twisted_connection import TwistedProtocolConnection
+from pika.exceptions import NackError, UnroutableError
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, fail, inlineCallbacks
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from relaybus.errors import ErrorCode, RelaybusError
+from relaybus.interfaces import IReplyReceiver, IRequestBus, IRequestReceiver, IWorkerBus
+from relaybus.messages import CancelNotice, Delivery, ReplyKind, ReplyMessage, RequestMessage
+
+log = Logger(namespace="relaybus.amqp")
+
+HEADER_REQUEST_TYPE = "relaybus-request-type"
+HEADER_DEADLINE_MS = "relaybus-deadline-ms"
+HEADER_GATEWAY_ID = "relaybus-gateway-id"
+HEADER_PRINCIPAL = "relaybus-principal"
+HEADER_SEQ = "relaybus-seq"
+HEADER_CANCEL_REASON = "relaybus-cancel-reason"
+CONTENT_TYPE = "application/json"
+REPLY_QUEUE_EXPIRES_MS = 60_000
+TRANSIENT = 1  # delivery_mode: requests and replies are worthless after their deadline
+
+
+@attrs.frozen
+class Topology:
+    """Exchange and queue names; `prefix` lets several deployments (or test runs) share a vhost."""
+
+    prefix: str = ""
+
+    @property
+    def requestsExchange(self) -> str:
+        return f"{self.prefix}requests"
+
+    @property
+    def responsesExchange(self) -> str:
+        return f"{self.prefix}responses"
+
+    @property
+    def cancelsExchange(self) -> str:
+        return f"{self.prefix}cancels"
+
+    def requestQueue(self, requestType: str) -> str:
+        return f"{self.prefix}requests.{requestType}"
+
+    def replyQueue(self, gatewayId: str) -> str:
+        return f"{self.prefix}replies.{gatewayId}"
+
+    @inlineCallbacks
+    def declareExchanges(self, channel: Any) -> Any:
+        for name in (self.requestsExchange, self.responsesExchange, self.cancelsExchange):
+            yield channel.exchange_declare(exchange=name, exchange_type="direct", durable=True)
+
+
+def validateBrokerURL(url: str) -> None:
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("amqp", "amqps") or not parsed.hostname:
+        raise ValueError(f"broker must be 'memory' or an amqp:// or amqps:// URL, not {url!r}")
+
+
+def endpointForURL(reactor: Any, url: str) -> IStreamClientEndpoint:
+    """pika ignores host, port and TLS in its parameters: Twisted does the connecting."""
+    parsed = urllib.parse.urlsplit(url)
+    host = parsed.hostname or "localhost"
+    if parsed.scheme == "amqps":
+        return wrapClientTLS(optionsForClientTLS(host),
+                             HostnameEndpoint(reactor, host, parsed.port or 5671, timeout=10))
+    return HostnameEndpoint(reactor, host, parsed.port or 5672, timeout=10)
+
+
+def consumeForever(queue: Any, handle: Callable[[Any], None]) -> None:
+    """Feed each message of a pika consumer queue to `handle` until the queue closes.
+
+    Iterative, not recursive: a backlog of ready messages must not grow the stack.
+    """
+
+    def deliver(message: Any) -> bool:
+        try:
+            handle(message)
+        except Exception:
+            log.failure("Handling an AMQP message failed")
+        return True
+
+    def step(_: Any = None) -> None:
+        while True:
+            d = queue.get()
+            outcome: list[bool] = []
+            d.addCallbacks(deliver, lambda _failure: False).addCallback(outcome.append)
+            if not outcome:  # nothing ready yet: continue when something arrives
+                d.addCallback(lambda _: step() if outcome[0] else None)
+                return
+            if not outcome[0]:  # the queue is closed: channel or connection gone
+                return
+
+    step()
+
+
+class _Connection(TwistedProtocolConnection):
+    link: BrokerLink
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        self.link._connectionLost(self, reason)
+
+
+class BrokerLink(Service):
+    """One AMQP connection that keeps coming back.
+
+    `setup(connection)` runs after every (re)connect and must reopen channels, topology and
+    consumers; `lost(reason)` runs when a set-up connection goes away. Backoff grows across
+    failed handshakes and setups, not just failed TCP connects, and resets only after a
+    successful setup (so a wrong password does not retry in a tight loop).
+    """
+
+    def __init__(self, url: str, reactor: Any, name: str,
+                 setup: Callable[[TwistedProtocolConnection], Deferred[Any]],
+                 lost: Callable[[Failure], None]) -> None:
+        self._url = url
+        self._reactor = reactor
+        self._name = name
+        self._setup = setup
+        self._lost = lost
+        self._client: ClientService | None = None
+        self._attempt = 0
+        self._delay = backoffPolicy(initialDelay=0.5, maxDelay=10.0, factor=2.0)
+        self.connection: TwistedProtocolConnection | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        parameters = pika.URLParameters(self._url)
+        parameters.client_properties = {"connection_name": self._name, "product": "relaybus"}
+        link = self
+
+        class _Factory(Factory):
+            def buildProtocol(self, addr: Any) -> _Connection:
+                protocol = _Connection(parameters, custom_reactor=link._reactor)
+                protocol.link = link
+                assert protocol.ready is not None
+                protocol.ready.addCallbacks(lambda _: link._handshaken(protocol),
+                                            link._handshakeFailed)
+                return protocol
+
+        self._client = ClientService(endpointForURL(self._reactor, self._url), _Factory(),
+                                     retryPolicy=self._nextDelay, clock=self._reactor)
+        self._client.startService()
+
+    def _nextDelay(self, _attempt: int) -> float:
+        self._attempt += 1
+        return float(self._delay(self._attempt))
+
+    def _handshakeFailed(self, failure: Failure) -> None:
+        log.warn("AMQP {name}: connection failed: {why}", name=self._name,
+                 why=failure.getErrorMessage() or failure.type.__name__)
+
+    def _handshaken(self, connection: TwistedProtocolConnection) -> Deferred[Any]:
+        def ready(_: Any) -> None:
+            if not connection.is_open:
+                return
+            self._attempt = 0
+            self.connection = connection
+            log.info("AMQP {name}: connected and set up", name=self._name)
+
+        def failed(failure: Failure) -> None:
+            log.failure("AMQP {name}: setting up the connection failed", failure,
+                        name=self._name)
+            if connection.transport is not None:
+                connection.transport.loseConnection()
+
+        return self._setup(connection).addCallbacks(ready, failed)
+
+    def _connectionLost(self, connection: TwistedProtocolConnection, reason: Failure) -> None:
+        if self.connection is connection:
+            self.connection = None
+            log.warn("AMQP {name}: connection lost: {why}", name=self._name,
+                     why=reason.getErrorMessage())
+            self._lost(reason)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        connection, client = self.connection, self._client
+        done: Deferred[Any] = defer.succeed(None)
+        if connection is not None and connection.is_open:
+            closed = connection.closed
+            connection.close()
+            if closed is not None:
+                done = closed
+                done.addTimeout(3, self._reactor)
+                done.addErrback(lambda _: None)
+        if client is not None:
+            done.addCallback(lambda _: client.stopService())
+        return done
+
+
+def _properties(**kwargs: Any) -> pika.BasicProperties:
+    return pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=TRANSIENT, **kwargs)
+
+
+def _unavailable(failure: Failure) -> Failure:
+    if failure.check(RelaybusError):
+        return failure
+    return Failure(RelaybusError(ErrorCode.UNAVAILABLE,
+                                 f"the message broker did not take it: {failure.getErrorMessage()}"))
+
+
+@implementer(IRequestBus)
+class AmqpRequestBus(MultiService):
+    """A gateway's bus: publishes requests and cancels, consumes its own reply queue."""
+
+    def __init__(self, url: str, reactor: IReactorTime, topology: Topology,
+                 gatewayId: str) -> None:
+        super().__init__()
+        self.replyTo = gatewayId
+        self._clock = reactor
+        self._topology = topology
+        self._receiver: IReplyReceiver | None = None
+        self._channel: Any = None
+        self._returned: set[str] = set()
+        BrokerLink(url, reactor, f"relaybus gateway {gatewayId}", self._setup,
+                   self._lost).setServiceParent(self)
+
+    def listen(self, receiver: IReplyReceiver) -> None:
+        self._receiver = receiver
+
+    def isReady(self) -> bool:
+        return self._channel is not None and self._channel.is_open
+
+    @inlineCallbacks
+    def _setup(self, connection: TwistedProtocolConnection) -> Any:
+        topology = self._topology
+        consuming = yield connection.channel()
+        yield topology.declareExchanges(consuming)
+        replyQueue = topology.replyQueue(self.replyTo)
+        # Not exclusive: it must outlive a short reconnect; x-expires removes it once this
+        # gateway is gone for good.
+        yield consuming.queue_declare(queue=replyQueue, durable=False, exclusive=False,
+                                      auto_delete=False,
+                                      arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS})
+        yield consuming.queue_bind(queue=replyQueue, exchange=topology.responsesExchange,
+                                   routing_key=self.replyTo)
+        publishing = yield connection.channel()
+        yield publishing.confirm_delivery()
+        publishing.add_on_return_callback(self._messageReturned)
+        queue, _tag = yield consuming.basic_consume(queue=replyQueue, auto_ack=True)
+        consumeForever(queue, self._replyArrived)
+        self._returned.clear()
+        self._channel = publishing
+
+    def _lost(self, reason: Failure) -> None:
+        self._channel = None
+        if self._receiver is not None:
+            self._receiver.busInterrupted(reason)
+
+    def publishRequest(self, message: RequestMessage) -> Deferred[None]:
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            return fail(RelaybusError(ErrorCode.UNAVAILABLE,
+                                      "the message broker is not reachable"))
+        now = self._clock.seconds()
+        headers: dict[str, Any] = {
+            HEADER_REQUEST_TYPE: message.requestType,
+            HEADER_DEADLINE_MS: int(message.deadline * 1000),
+            HEADER_GATEWAY_ID: message.gatewayId,
+            HEADER_PRINCIPAL: message.principal,
+        }
+        properties = _properties(
+            correlation_id=message.correlationId, reply_to=message.replyTo, type="request",
+            expiration=str(max(1, int((message.deadline - now) * 1000))),
+            timestamp=int(now), headers=headers)
+        correlationId = message.correlationId
+        published = channel.basic_publish(
+            exchange=self._topology.requestsExchange, routing_key=message.requestType,
+            body=message.body, properties=properties, mandatory=True)
+
+        def settled(result: Any) -> None:
+            # The adapter can blame a basic.return on the wrong publish (see the field notes):
+            # whether *this* message came back is decided by its correlation_id alone.
+            returned = correlationId in self._returned
+            self._returned.discard(correlationId)
+            if returned:
+                raise RelaybusError(ErrorCode.NO_HANDLER,
+                                    f"no worker serves requestType {message.requestType!r}")
+            if isinstance(result, Failure) and not result.check(UnroutableError):
+                if result.check(NackError):
+                    raise RelaybusError(ErrorCode.OVERLOADED,
+                                        "the message broker refused the request")
+                return _unavailable(result)  # type: ignore[return-value]
+            return None
+
+        return published.addBoth(settled)
+
+    def _messageReturned(self, message: Any) -> None:
+        correlationId = message.properties.correlation_id
+        if correlationId:
+            self._returned.add(correlationId)
+
+    def publishCancel(self, notice: CancelNotice) -> None:
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            return
+        properties = _properties(correlation_id=notice.correlationId, type="cancel",
+                                 headers={HEADER_CANCEL_REASON: notice.reason})
+        channel.basic_publish(
+            exchange=self._topology.cancelsExchange, routing_key=notice.requestType,
+            body=b"", properties=properties).addErrback(
+            lambda f: log.debug("Cancel notice not published: {why}", why=f.getErrorMessage()))
+
+    def _replyArrived(self, message: Any) -> None:
+        properties = message.properties
+        kind = properties.type
+        if kind not in ReplyKind._value2member_map_ or not properties.correlation_id:
+            log.warn("Dropped a reply with type {kind!r} and no usable correlation_id",
+                     kind=kind)
+            return
+        seq = (properties.headers or {}).get(HEADER_SEQ)
+        if self._receiver is not None:
+            self._receiver.replyReceived(ReplyMessage(
+                correlationId=properties.correlation_id, replyTo=self.replyTo,
+                kind=ReplyKind(kind), body=message.body,
+                seq=seq if isinstance(seq, int) else None))
+
+
+@implementer(IWorkerBus)
+class AmqpWorkerBus(MultiService):
+    """A worker's bus: consumes its requestTypes' queues and cancel notices, publishes replies."""
+
+    def __init__(self, url: str, reactor: IReactorTime, topology: Topology,
+                 name: str = "relaybus worker") -> None:
+        super().__init__()
+        self._clock = reactor
+        self._topology = topology
+        self._requestTypes: list[str] = []
+        self._receiver: IRequestReceiver | None = None
+        self._prefetch = 1
+        self._consuming: Any = None
+        self._publishing: Any = None
+        self._consumerTags: list[str] = []
+        self._link = BrokerLink(url, reactor, name, self._setup, self._lost)
+        self._link.setServiceParent(self)
+
+    def serve(self, requestTypes: Iterable[str], receiver: IRequestReceiver,
+              prefetch: int) -> None:
+        if self._receiver is not None:
+            raise RuntimeError("an AmqpWorkerBus serves one receiver")
+        self._requestTypes = list(requestTypes)
+        self._receiver = receiver
+        self._prefetch = prefetch
+
+    def startService(self) -> None:
+        if self._receiver is None:
+            raise RuntimeError("call serve() before starting an AmqpWorkerBus")
+        super().startService()
+
+    def stopServing(self, receiver: IRequestReceiver) -> None:
+        """Stop taking new deliveries; those in hand can still be settled."""
+        channel = self._consuming
+        if channel is not None and channel.is_open:
+            for tag in self._consumerTags:
+                channel.basic_cancel(tag).addErrback(lambda _: None)
+        self._consumerTags = []
+
+    def isReady(self) -> bool:
+        return self._publishing is not None and self._publishing.is_open
+
+    @inlineCallbacks
+    def _setup(self, connection: TwistedProtocolConnection) -> Any:
+        topology = self._topology
+        consuming = yield connection.channel()
+        yield topology.declareExchanges(consuming)
+        yield consuming.basic_qos(prefetch_count=self._prefetch)
+        for requestType in self._requestTypes:
+            queue = topology.requestQueue(requestType)
+            yield consuming.queue_declare(queue=queue, durable=True)
+            yield consuming.queue_bind(queue=queue, exchange=topology.requestsExchange,
+                                       routing_key=requestType)
+        declared = yield consuming.queue_declare(queue="", exclusive=True, auto_delete=True)
+        cancelQueue = declared.method.queue
+        for requestType in self._requestTypes:
+            yield consuming.queue_bind(queue=cancelQueue, exchange=topology.cancelsExchange,
+                                       routing_key=requestType)
+        publishing = yield connection.channel()
+        yield publishing.confirm_delivery()
+        self._consuming, self._publishing = consuming, publishing
+        cancels, _tag = yield consuming.basic_consume(queue=cancelQueue, auto_ack=True)
+        consumeForever(cancels, self._cancelArrived)
+        self._consumerTags = []
+        for requestType in self._requestTypes:
+            queue, tag = yield consuming.basic_consume(
+                queue=topology.requestQueue(requestType), auto_ack=False)
+            self._consumerTags.append(tag)
+            consumeForever(queue, lambda message, c=consuming: self._requestArrived(c, message))
+
+    def _lost(self, reason: Failure) -> None:
+        self._consuming = self._publishing = None
+        self._consumerTags = []
+        if self._receiver is not None:
+            self._receiver.busInterrupted(reason)
+
+    def _requestArrived(self, channel: Any, message: Any) -> None:
+        properties, method = message.properties, message.method
+        headers = properties.headers or {}
+        tag = method.delivery_tag
+
+        def settle(requeue: bool) -> None:
+            if channel is not self._consuming or not channel.is_open:
+                return  # the broker requeues it itself when the channel closed
+            if requeue:
+                channel.basic_nack(delivery_tag=tag, requeue=True)
+            else:
+                channel.basic_ack(delivery_tag=tag)
+
+        if not properties.correlation_id or not properties.reply_to:
+            log.warn("Dropped a request without correlation_id or reply_to on {key}",
+                     key=method.routing_key)
+            settle(False)
+            return
+        deadlineMs = headers.get(HEADER_DEADLINE_MS)
+        deadline = deadlineMs / 1000 if isinstance(deadlineMs, int) else float("inf")
+        principal = headers.get(HEADER_PRINCIPAL)
+        request = RequestMessage(
+            correlationId=properties.correlation_id,
+            requestType=headers.get(HEADER_REQUEST_TYPE) or method.routing_key,
+            replyTo=properties.reply_to, body=message.body, deadline=deadline,
+            gatewayId=str(headers.get(HEADER_GATEWAY_ID) or ""),
+            principal=principal if isinstance(principal, str) else None)
+        assert self._receiver is not None
+        self._receiver.requestReceived(Delivery(request, bool(method.redelivered), settle))
+
+    def _cancelArrived(self, message: Any) -> None:
+        properties = message.properties
+        if properties.correlation_id and self._receiver is not None:
+            reason = (properties.headers or {}).get(HEADER_CANCEL_REASON) or "cancelled"
+            self._receiver.cancelReceived(CancelNotice(
+                properties.correlation_id, message.method.routing_key, str(reason)))
+
+    def publishReply(self, reply: ReplyMessage) -> Deferred[None]:
+        channel = self._publishing
+        if channel is None or not channel.is_open:
+            return fail(RelaybusError(ErrorCode.UNAVAILABLE,
+                                      "the message broker is not reachable"))
+        headers = {HEADER_SEQ: reply.seq} if reply.seq is not None else None
+        properties = _properties(correlation_id=reply.correlationId, type=str(reply.kind),
+                                 headers=headers)
+        published = channel.basic_publish(exchange=self._topology.responsesExchange,
+                                          routing_key=reply.replyTo, body=reply.body,
+                                          properties=properties)
+        return published.addCallbacks(lambda _: None, _unavailable)

@@ -1,0 +1,62 @@
+"""Every tunable of a gateway or worker, in one place, with the defaults documented in the README."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+
+import attrs
+
+MiB = 1024 * 1024
+
+
+def newGatewayId() -> str:
+    return f"gw-{socket.gethostname()}-{secrets.token_hex(4)}"
+
+
+@attrs.frozen
+class Limits:
+    """What one client connection may do; sent to the client in the hello frame."""
+
+    maxMessageBytes: int = 1 * MiB
+    maxInFlight: int = 100
+    defaultTimeoutMs: int = 30_000
+    maxTimeoutMs: int = 300_000
+
+    def forHello(self) -> dict[str, int]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class GatewayConfig:
+    listen: str = "tcp:8080:interface=127.0.0.1"
+    broker: str = "memory"
+    handlers: tuple[str, ...] = ()
+    gatewayId: str = attrs.field(factory=newGatewayId)
+    amqpPrefix: str = ""
+    limits: Limits = Limits()
+    autoPingIntervalS: float = 20.0
+    autoPingTimeoutS: float = 10.0
+    openHandshakeTimeoutS: float = 10.0
+    drainTimeoutS: float = 10.0
+    workerConcurrency: int = 10  # for handlers run in-process
+
+    @property
+    def inMemory(self) -> bool:
+        return self.broker == "memory"
+
+    @property
+    def inProcessHandlers(self) -> tuple[str, ...]:
+        """The embedded default runs the example workers when none are named."""
+        if self.handlers or not self.inMemory:
+            return self.handlers
+        return ("workers.examples",)
+
+
+@attrs.frozen
+class WorkerConfig:
+    broker: str
+    handlers: tuple[str, ...]
+    concurrency: int = 10
+    amqpPrefix: str = ""
+    drainTimeoutS: float = 10.0

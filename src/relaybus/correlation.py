@@ -1,0 +1,275 @@
+"""The gateway's Deferred correlation table: every accepted request until its one terminal frame.
+
+A request enters on `submit` and leaves through exactly one door (`_finish`): its response,
+an error reply, cancel, deadline, connection loss, broker loss or the shutdown drain. Each
+entry's `outcome` Deferred fires once, and its callbacks send the terminal frame, so "exactly
+one terminal frame" is a property of Deferred itself rather than of careful bookkeeping.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from relaybus.config import Limits
+from relaybus.errors import WORKER_ERROR_CODES, ErrorCode, RelaybusError
+from relaybus.frames import (
+    RequestFrame,
+    chunkFrame,
+    decodeJSON,
+    encodeJSON,
+    errorFrame,
+    responseFrame,
+)
+from relaybus.interfaces import IClientConnection, IReplyReceiver, IRequestBus
+from relaybus.messages import CancelNotice, ReplyKind, ReplyMessage, RequestMessage
+
+log = Logger(namespace="relaybus.gateway")
+
+
+def newCorrelationId() -> str:
+    """Unguessable, so a worker or another client cannot address someone else's request."""
+    return secrets.token_hex(16)
+
+
+@attrs.define(eq=False)
+class PendingRequest:
+    correlationId: str
+    requestId: str
+    requestType: str
+    connection: IClientConnection
+    deadline: float
+    outcome: Deferred[Any] = attrs.field(factory=Deferred)
+    timer: IDelayedCall | None = None
+    nextSeq: int = 0
+
+
+@implementer(IReplyReceiver)
+class CorrelationTable:
+    """Routes replies from the bus to the connection that asked, and ends every request once."""
+
+    def __init__(self, bus: IRequestBus, clock: IReactorTime, limits: Limits,
+                 gatewayId: str) -> None:
+        self._bus = bus
+        self._clock = clock
+        self._limits = limits
+        self._gatewayId = gatewayId
+        self._pending: dict[str, PendingRequest] = {}
+        self._byConnection: dict[str, dict[str, PendingRequest]] = {}
+        self._accepting = True
+        self._whenEmpty: list[Deferred[None]] = []
+        bus.listen(self)
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def inFlight(self, connection: IClientConnection) -> int:
+        return len(self._byConnection.get(connection.connectionId, ()))
+
+    def connectionCount(self) -> int:
+        """Connections with requests in flight (for leak checks)."""
+        return len(self._byConnection)
+
+    # Client side
+
+    def submit(self, connection: IClientConnection, frame: RequestFrame) -> Deferred[Any] | None:
+        """Accept a request or answer it with an error frame at once.
+
+        Returns the entry's outcome Deferred when accepted (it fires with the response data,
+        or with None after an error frame was sent), None when refused.
+        """
+        refusal = self._refusal(connection, frame)
+        if refusal is None:
+            try:
+                body = encodeJSON(frame.payload)
+            except ValueError as e:
+                refusal = RelaybusError(ErrorCode.BAD_REQUEST, f"payload: {e}")
+        if refusal is not None:
+            connection.deliverFrame(errorFrame(frame.requestId, refusal))
+            return None
+
+        timeoutMs = frame.timeoutMs or self._limits.defaultTimeoutMs
+        now = self._clock.seconds()
+        entry = PendingRequest(
+            correlationId=newCorrelationId(),
+            requestId=frame.requestId,
+            requestType=frame.requestType,
+            connection=connection,
+            deadline=now + timeoutMs / 1000,
+        )
+        entry.outcome.addCallbacks(self._sendResponse, self._sendError,
+                                   callbackArgs=(entry,), errbackArgs=(entry,))
+        self._pending[entry.correlationId] = entry
+        self._byConnection.setdefault(connection.connectionId, {})[frame.requestId] = entry
+        entry.timer = self._clock.callLater(timeoutMs / 1000, self._expire, entry)
+
+        message = RequestMessage(
+            correlationId=entry.correlationId,
+            requestType=frame.requestType,
+            replyTo=self._bus.replyTo,
+            body=body,
+            deadline=entry.deadline,
+            gatewayId=self._gatewayId,
+        )
+        self._bus.publishRequest(message).addErrback(self._publishFailed, entry)
+        return entry.outcome
+
+    def _refusal(self, connection: IClientConnection, frame: RequestFrame) -> RelaybusError | None:
+        if not self._accepting:
+            return RelaybusError(ErrorCode.SHUTTING_DOWN, "the gateway is shutting down")
+        if frame.requestId in self._byConnection.get(connection.connectionId, ()):
+            return RelaybusError(ErrorCode.DUPLICATE_REQUEST_ID,
+                                 "a request with this requestId is still in flight")
+        if frame.timeoutMs is not None and frame.timeoutMs > self._limits.maxTimeoutMs:
+            return RelaybusError(ErrorCode.BAD_REQUEST,
+                                 f"timeoutMs must be at most {self._limits.maxTimeoutMs}")
+        if self.inFlight(connection) >= self._limits.maxInFlight:
+            return RelaybusError(ErrorCode.OVERLOADED,
+                                 f"at most {self._limits.maxInFlight} requests may be in flight "
+                                 "per connection")
+        if not self._bus.isReady():
+            return RelaybusError(ErrorCode.UNAVAILABLE, "the message broker is not reachable")
+        return None
+
+    def cancel(self, connection: IClientConnection, requestId: str) -> None:
+        """Cancel a request; unknown or already finished ids are ignored (they race the end)."""
+        entry = self._byConnection.get(connection.connectionId, {}).get(requestId)
+        if entry is not None:
+            self._finish(entry, RelaybusError(ErrorCode.CANCELLED, "cancelled by the client"))
+            self._notifyWorkers(entry, "cancelled")
+
+    def connectionLost(self, connection: IClientConnection) -> None:
+        for entry in list(self._byConnection.get(connection.connectionId, {}).values()):
+            self._finish(entry, RelaybusError(ErrorCode.CANCELLED, "the client disconnected"))
+            self._notifyWorkers(entry, "disconnected")
+
+    # Bus side
+
+    def replyReceived(self, reply: ReplyMessage) -> None:
+        entry = self._pending.get(reply.correlationId)
+        if entry is None:
+            log.debug("Dropped a late {kind} for {correlationId}", kind=reply.kind,
+                      correlationId=reply.correlationId)
+            return
+        if len(reply.body) > self._limits.maxMessageBytes:
+            self._finish(entry, RelaybusError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"the worker's {reply.kind} is larger than {self._limits.maxMessageBytes} bytes"))
+            self._notifyWorkers(entry, "payload_too_large")
+            return
+        try:
+            data = decodeJSON(reply.body)
+        except (ValueError, UnicodeDecodeError):
+            self._finish(entry, RelaybusError(ErrorCode.HANDLER_ERROR,
+                                              "the worker sent a reply that is not JSON"))
+            return
+        if reply.kind == ReplyKind.CHUNK:
+            self._forwardChunk(entry, reply.seq, data)
+        elif reply.kind == ReplyKind.RESPONSE:
+            self._finish(entry, data)
+        else:
+            self._finish(entry, _workerError(data))
+
+    def busInterrupted(self, reason: Failure | None) -> None:
+        for entry in list(self._pending.values()):
+            self._finish(entry, RelaybusError(ErrorCode.UNAVAILABLE,
+                                              "lost the connection to the message broker"))
+
+    # Shutdown
+
+    def stopAccepting(self) -> None:
+        self._accepting = False
+
+    def drain(self, timeoutS: float) -> Deferred[None]:
+        """Stop accepting; fire once every request has ended, ending the rest at the deadline."""
+        self.stopAccepting()
+        done: Deferred[None] = Deferred()
+        if not self._pending:
+            done.callback(None)
+            return done
+        self._whenEmpty.append(done)
+        timer = self._clock.callLater(timeoutS, self._endAll, ErrorCode.SHUTTING_DOWN,
+                                      "the gateway is shutting down")
+        done.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+        return done
+
+    def _endAll(self, code: ErrorCode, message: str) -> None:
+        for entry in list(self._pending.values()):
+            self._finish(entry, RelaybusError(code, message))
+            self._notifyWorkers(entry, str(code))
+
+    # Internals
+
+    def _forwardChunk(self, entry: PendingRequest, seq: int | None, data: Any) -> None:
+        if seq is not None and seq < entry.nextSeq:
+            # An idempotent handler ran again after a redelivery: the client has these already.
+            return
+        entry.connection.deliverFrame(chunkFrame(entry.requestId, entry.nextSeq, data))
+        entry.nextSeq += 1
+
+    def _expire(self, entry: PendingRequest) -> None:
+        entry.timer = None
+        self._finish(entry, RelaybusError(ErrorCode.TIMEOUT,
+                                          "no response before the request's deadline"))
+        self._notifyWorkers(entry, "timeout")
+
+    def _publishFailed(self, failure: Failure, entry: PendingRequest) -> None:
+        error = failure.value if failure.check(RelaybusError) else RelaybusError(
+            ErrorCode.UNAVAILABLE, "the message broker did not take the request")
+        if not failure.check(RelaybusError):
+            log.failure("Publishing {correlationId} failed", failure,
+                        correlationId=entry.correlationId)
+        self._finish(entry, error)
+
+    def _finish(self, entry: PendingRequest, result: Any) -> None:
+        """The one door out of the table."""
+        if self._pending.pop(entry.correlationId, None) is None:
+            return
+        byRequestId = self._byConnection[entry.connection.connectionId]
+        del byRequestId[entry.requestId]
+        if not byRequestId:
+            del self._byConnection[entry.connection.connectionId]
+        if entry.timer is not None and entry.timer.active():
+            entry.timer.cancel()
+        entry.timer = None
+        if isinstance(result, RelaybusError):
+            entry.outcome.errback(Failure(result))
+        else:
+            entry.outcome.callback(result)
+        if not self._pending:
+            waiters, self._whenEmpty = self._whenEmpty, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def _notifyWorkers(self, entry: PendingRequest, reason: str) -> None:
+        if self._bus.isReady():
+            self._bus.publishCancel(CancelNotice(entry.correlationId, entry.requestType, reason))
+
+    @staticmethod
+    def _sendResponse(data: Any, entry: PendingRequest) -> Any:
+        entry.connection.deliverFrame(responseFrame(entry.requestId, data))
+        return data
+
+    @staticmethod
+    def _sendError(failure: Failure, entry: PendingRequest) -> None:
+        # The error frame is the failure's final handling: nothing is left unhandled.
+        entry.connection.deliverFrame(errorFrame(entry.requestId, failure.value))
+
+
+def _workerError(data: Any) -> RelaybusError:
+    """A worker's error reply, held to the codes a worker may use."""
+    if isinstance(data, dict):
+        code, message = data.get("code"), data.get("message")
+        if not isinstance(message, str):
+            message = "the worker failed"
+        if code in WORKER_ERROR_CODES:
+            return RelaybusError(code, message)
+        return RelaybusError(ErrorCode.HANDLER_ERROR, message)
+    return RelaybusError(ErrorCode.HANDLER_ERROR, "the worker failed")

@@ -1,0 +1,48 @@
+"""The stable list of error codes a client can receive, and the exception that carries one.
+
+The codes are part of the wire contract (docs/protocol.md): add new ones, never rename.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.StrEnum):
+    BAD_REQUEST = "bad_request"
+    DUPLICATE_REQUEST_ID = "duplicate_request_id"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    NO_HANDLER = "no_handler"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    OVERLOADED = "overloaded"
+    UNAVAILABLE = "unavailable"
+    HANDLER_ERROR = "handler_error"
+    WORKER_LOST = "worker_lost"
+    SHUTTING_DOWN = "shutting_down"
+
+
+# Codes a worker may put in an `error` reply; anything else is reported as handler_error.
+WORKER_ERROR_CODES = frozenset(
+    {
+        ErrorCode.BAD_REQUEST,
+        ErrorCode.HANDLER_ERROR,
+        ErrorCode.WORKER_LOST,
+        ErrorCode.CANCELLED,
+        ErrorCode.TIMEOUT,
+        ErrorCode.OVERLOADED,
+        ErrorCode.SHUTTING_DOWN,
+    }
+)
+
+
+class RelaybusError(Exception):
+    """A failure that ends one request with a protocol error code."""
+
+    def __init__(self, code: ErrorCode | str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = ErrorCode(code) if code in ErrorCode._value2member_map_ else code
+        self.message = message
+
+    def asDict(self) -> dict[str, str]:
+        return {"code": str(self.code), "message": self.message}

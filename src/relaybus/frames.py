@@ -1,0 +1,170 @@
+"""Client frames in, gateway frames out: the WebSocket half of the wire contract.
+
+Parsing never raises anything but FrameError, so one bad frame can only ever cost the client
+one `error` frame (see docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import attrs
+
+from relaybus.errors import ErrorCode, RelaybusError
+
+MAX_REQUEST_ID_LENGTH = 128
+MAX_REQUEST_TYPE_LENGTH = 128
+MAX_LOG_MESSAGE_LENGTH = 8192
+MAX_LOG_CONTEXT_BYTES = 16384
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+_REQUEST_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*\Z")
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class FrameError(RelaybusError):
+    """A client frame the gateway cannot accept; `requestId` is set when it was readable."""
+
+    def __init__(self, message: str, requestId: str | None = None,
+                 code: ErrorCode = ErrorCode.BAD_REQUEST) -> None:
+        super().__init__(code, message)
+        self.requestId = requestId
+
+
+@attrs.frozen
+class RequestFrame:
+    requestId: str
+    requestType: str
+    payload: Any
+    timeoutMs: int | None = None
+
+
+@attrs.frozen
+class CancelFrame:
+    requestId: str
+
+
+@attrs.frozen
+class ClientLogFrame:
+    level: str
+    message: str
+    context: dict[str, Any] | None = None
+    timestamp: float | None = None
+
+
+ClientFrame = RequestFrame | CancelFrame | ClientLogFrame
+
+
+def _rejectConstant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def decodeJSON(data: bytes | str) -> Any:
+    """Strict JSON: no NaN/Infinity, and deep nesting is an error rather than a crash."""
+    try:
+        return json.loads(data, parse_constant=_rejectConstant)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def encodeJSON(value: Any) -> bytes:
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False).encode("utf-8")
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _requestId(frame: dict[str, Any]) -> str:
+    requestId = frame.get("requestId")
+    if not isinstance(requestId, str) or not 1 <= len(requestId) <= MAX_REQUEST_ID_LENGTH:
+        raise FrameError(
+            f"requestId must be a string of 1..{MAX_REQUEST_ID_LENGTH} characters")
+    if _CONTROL_CHARACTERS.search(requestId):
+        raise FrameError("requestId must not contain control characters")
+    return requestId
+
+
+def _parseRequest(frame: dict[str, Any]) -> RequestFrame:
+    requestId = _requestId(frame)
+    requestType = frame.get("requestType")
+    if (not isinstance(requestType, str) or len(requestType) > MAX_REQUEST_TYPE_LENGTH
+            or not _REQUEST_TYPE.match(requestType)):
+        raise FrameError(
+            "requestType must be 1..128 characters of letters, digits and _ . : - "
+            "starting with a letter or digit", requestId)
+    timeoutMs = frame.get("timeoutMs")
+    if timeoutMs is not None and (
+            isinstance(timeoutMs, bool) or not isinstance(timeoutMs, int) or timeoutMs <= 0):
+        raise FrameError("timeoutMs must be a positive integer", requestId)
+    return RequestFrame(requestId, requestType, frame.get("payload"), timeoutMs)
+
+
+def _parseClientLog(frame: dict[str, Any]) -> ClientLogFrame:
+    level = frame.get("level")
+    if level not in LOG_LEVELS:
+        raise FrameError(f"client-log level must be one of {', '.join(LOG_LEVELS)}")
+    message = frame.get("message")
+    if not isinstance(message, str) or len(message) > MAX_LOG_MESSAGE_LENGTH:
+        raise FrameError(
+            f"client-log message must be a string of at most {MAX_LOG_MESSAGE_LENGTH} characters")
+    context = frame.get("context")
+    if context is not None:
+        if not isinstance(context, dict):
+            raise FrameError("client-log context must be an object")
+        if len(encodeJSON(context)) > MAX_LOG_CONTEXT_BYTES:
+            raise FrameError(f"client-log context must be at most {MAX_LOG_CONTEXT_BYTES} bytes")
+    timestamp = frame.get("timestamp")
+    if timestamp is not None and (
+            isinstance(timestamp, bool) or not isinstance(timestamp, int | float)):
+        raise FrameError("client-log timestamp must be a number (milliseconds since the epoch)")
+    return ClientLogFrame(level, message, context, timestamp)
+
+
+def parseClientFrame(data: bytes, isBinary: bool) -> ClientFrame:
+    """Turn one WebSocket message into a typed frame or raise FrameError."""
+    if isBinary:
+        raise FrameError("binary frames are not supported; send JSON text frames")
+    try:
+        frame = decodeJSON(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FrameError(f"frame is not valid JSON: {e}") from None
+    if not isinstance(frame, dict):
+        raise FrameError("frame must be a JSON object")
+    kind = frame.get("type")
+    try:
+        if kind == "request":
+            return _parseRequest(frame)
+        if kind == "cancel":
+            return CancelFrame(_requestId(frame))
+        if kind == "client-log":
+            return _parseClientLog(frame)
+    except ValueError as e:  # context too deep to re-encode
+        raise FrameError(str(e)) from None
+    raise FrameError('frame type must be one of "request", "cancel", "client-log"')
+
+
+def escapeControlCharacters(text: str) -> str:
+    """Make client text safe for one log line: no forged newlines or terminal escapes."""
+    return _CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+# Gateway -> client frames. Each returns the encoded text frame.
+
+def helloFrame(connectionId: str, limits: dict[str, int]) -> bytes:
+    return encodeJSON({"type": "hello", "connectionId": connectionId,
+                       "protocol": 1, "limits": limits})
+
+
+def chunkFrame(requestId: str, seq: int, data: Any) -> bytes:
+    return encodeJSON({"type": "chunk", "requestId": requestId, "seq": seq, "data": data})
+
+
+def responseFrame(requestId: str, data: Any) -> bytes:
+    return encodeJSON({"type": "response", "requestId": requestId, "data": data})
+
+
+def errorFrame(requestId: str | None, error: RelaybusError) -> bytes:
+    return encodeJSON({"type": "error", "requestId": requestId, "error": error.asDict()})

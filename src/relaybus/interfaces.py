@@ -1,0 +1,100 @@
+"""The seams of relaybus. Each interface has a fake in relaybus.testing."""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IReplyReceiver(Interface):
+    """The gateway side of a bus: where replies and connection loss are reported."""
+
+    def replyReceived(reply):
+        """A ReplyMessage addressed to this gateway arrived."""
+
+    def busInterrupted(reason):
+        """The broker connection was lost: every request in flight is now orphaned."""
+
+
+class IRequestBus(Interface):
+    """What a gateway needs from a message bus."""
+
+    replyTo = Attribute("The address workers send this gateway's replies to.")
+
+    def listen(receiver):
+        """Deliver replies and interruptions to `receiver` (an IReplyReceiver)."""
+
+    def isReady():
+        """True when requests can be published right now."""
+
+    def publishRequest(message):
+        """Publish a RequestMessage.
+
+        Returns a Deferred that fires once the bus has taken the request, or fails with a
+        RelaybusError: no_handler (nobody serves its requestType), unavailable, overloaded.
+        """
+
+    def publishCancel(notice):
+        """Tell workers a CancelNotice; best effort, returns nothing."""
+
+
+class IRequestReceiver(Interface):
+    """The worker side of a bus: where requests and cancellations are delivered."""
+
+    def requestReceived(delivery):
+        """A Delivery to handle; the receiver must ack or requeue it exactly once."""
+
+    def cancelReceived(notice):
+        """A CancelNotice for a request this worker may be running."""
+
+    def busInterrupted(reason):
+        """The broker connection was lost: unsettled deliveries will be redelivered."""
+
+
+class IWorkerBus(Interface):
+    """What a worker process needs from a message bus."""
+
+    def serve(requestTypes, receiver, prefetch):
+        """Start delivering requests of these types to an IRequestReceiver.
+
+        At most `prefetch` deliveries are unsettled at once.
+        """
+
+    def isReady():
+        """True when replies can be published right now."""
+
+    def publishReply(reply):
+        """Publish a ReplyMessage; returns a Deferred that fires once the bus has taken it."""
+
+
+class IRequestStream(Interface):
+    """Handed to a request handler: the way to send intermediate chunks."""
+
+    def sendChunk(data):
+        """Send one JSON-serialisable chunk; returns a Deferred fired once it is published."""
+
+
+class IRequestHandler(Interface):
+    """A worker component serving one requestType."""
+
+    requestType = Attribute("The requestType this handler serves.")
+    idempotent = Attribute(
+        "True if running a request twice is harmless: redelivered requests are then run "
+        "again instead of ending with worker_lost.")
+
+    def handle(request, stream):
+        """Serve one HandlerRequest (payload, deadline, ...), streaming chunks to an IRequestStream.
+
+        Serve it: return the final response data, a Deferred of it, or a coroutine.
+
+        Raise RelaybusError to choose the error code; any other exception becomes
+        handler_error. Cancelling the returned Deferred must stop the work.
+        """
+
+
+class IClientConnection(Interface):
+    """One client's WebSocket, as the correlation table sees it."""
+
+    connectionId = Attribute("Unique id of this connection (also sent in the hello frame).")
+
+    def deliverFrame(frame):
+        """Send one encoded text frame; silently dropped once the connection is closing."""

@@ -1,0 +1,65 @@
+"""What travels on the bus between gateways and workers, independent of any broker.
+
+The AMQP mapping of each field is in docs/protocol.md ("The AMQP contract").
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import attrs
+
+
+class ReplyKind(enum.StrEnum):
+    CHUNK = "chunk"
+    RESPONSE = "response"
+    ERROR = "error"
+
+
+@attrs.frozen
+class RequestMessage:
+    """One client request on its way to a worker."""
+
+    correlationId: str
+    requestType: str
+    replyTo: str
+    body: bytes  # the request payload, JSON
+    deadline: float  # seconds since the epoch; the gateway gives up then
+    gatewayId: str = ""
+    principal: str | None = None
+
+
+@attrs.frozen
+class ReplyMessage:
+    """One chunk, final response or error from a worker, addressed to one gateway."""
+
+    correlationId: str
+    replyTo: str
+    kind: ReplyKind
+    body: bytes  # JSON: chunk/response data, or {"code", "message"} for errors
+    seq: int | None = None  # chunks only: 0, 1, 2, ... per request
+
+
+@attrs.frozen
+class CancelNotice:
+    """The gateway no longer wants the answer to a request (cancel, disconnect, deadline)."""
+
+    correlationId: str
+    requestType: str
+    reason: str
+
+
+@attrs.define
+class Delivery:
+    """A request handed to a worker, with the means to settle it with its bus."""
+
+    message: RequestMessage
+    redelivered: bool
+    settle: Any = attrs.field(repr=False)  # callable(requeue: bool) -> None: ack or requeue
+
+    def ack(self) -> None:
+        self.settle(False)
+
+    def requeue(self) -> None:
+        self.settle(True)

@@ -1,0 +1,168 @@
+"""Command-line options of `twistd relaybus` and `twistd relaybus-worker`, and their environment
+variable twins for relaybus.tac (RELAYBUS_<OPTION>, e.g. RELAYBUS_MAX_IN_FLIGHT)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.python import usage
+
+from relaybus.amqp import validateBrokerURL
+from relaybus.config import GatewayConfig, Limits, WorkerConfig, newGatewayId
+from relaybus.worker import registerHandlers
+
+
+_LIMITS = Limits()
+_GATEWAY = GatewayConfig(gatewayId="defaults")
+
+
+def _positiveInt(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError(f"must be a positive integer, not {value}")
+    return number
+
+
+def _positiveFloat(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError(f"must be a positive number, not {value}")
+    return number
+
+
+_positiveInt.coerceDoc = "A positive integer."  # type: ignore[attr-defined]
+_positiveFloat.coerceDoc = "A positive number of seconds."  # type: ignore[attr-defined]
+
+
+def _checkBroker(broker: str) -> None:
+    if broker != "memory":
+        try:
+            validateBrokerURL(broker)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def _checkHandlers(handlers: list[str]) -> tuple[str, ...]:
+    try:
+        registerHandlers(*handlers)
+    except ImportError as e:
+        raise usage.UsageError(f"--handlers: cannot import {e.name or e}") from None
+    except (ValueError, TypeError) as e:
+        raise usage.UsageError(f"--handlers: {e}") from None
+    return tuple(handlers)
+
+
+class _EnvironmentOptions(usage.Options):
+    @classmethod
+    def fromEnvironment(cls, environ: Mapping[str, str] | None = None) -> Any:
+        """Parse RELAYBUS_* variables as if they were options (for relaybus.tac).
+
+        A repeatable option takes a comma-separated list.
+        """
+        environ = os.environ if environ is None else environ
+        argv: list[str] = []
+        options = cls()
+        for name in [p[0] for p in options.optParameters]:
+            value = environ.get("RELAYBUS_" + name.upper().replace("-", "_"))
+            if value is None:
+                continue
+            if name in getattr(cls, "repeatable", ()):
+                for item in filter(None, (v.strip() for v in value.split(","))):
+                    argv += [f"--{name}", item]
+            else:
+                argv += [f"--{name}", value]
+        options.parseOptions(argv)
+        return options
+
+
+class GatewayOptions(_EnvironmentOptions):
+    synopsis = "[options]"
+    longdesc = ("Run the relaybus WebSocket gateway. Without --broker it runs an embedded "
+                "in-process bus with the example workers.")
+    repeatable = ("handlers",)
+    optParameters = [
+        ["listen", "l", "tcp:8080:interface=127.0.0.1", "Endpoint to listen on (strports)."],
+        ["broker", "b", "memory", "'memory' (embedded bus) or an amqp:// or amqps:// URL."],
+        ["gateway-id", None, None, "This gateway's id and reply queue name (default: random)."],
+        ["amqp-prefix", None, "", "Prefix for every exchange and queue name."],
+        ["max-message-bytes", None, _LIMITS.maxMessageBytes,
+         "Largest WebSocket message in either direction.", _positiveInt],
+        ["max-in-flight", None, _LIMITS.maxInFlight,
+         "Requests one connection may have in flight.", _positiveInt],
+        ["default-timeout-ms", None, _LIMITS.defaultTimeoutMs,
+         "Deadline of a request that names none.", _positiveInt],
+        ["max-timeout-ms", None, _LIMITS.maxTimeoutMs,
+         "Longest deadline a request may ask for.", _positiveInt],
+        ["auto-ping-interval", None, _GATEWAY.autoPingIntervalS,
+         "Seconds between WebSocket pings.", _positiveFloat],
+        ["auto-ping-timeout", None, _GATEWAY.autoPingTimeoutS,
+         "Seconds to wait for a pong before dropping the client.", _positiveFloat],
+        ["open-handshake-timeout", None, _GATEWAY.openHandshakeTimeoutS,
+         "Seconds a client has to finish the WebSocket handshake.", _positiveFloat],
+        ["drain-timeout", None, _GATEWAY.drainTimeoutS,
+         "Seconds to let requests finish on shutdown.", _positiveFloat],
+        ["worker-concurrency", None, _GATEWAY.workerConcurrency,
+         "Requests each in-process handler module runs at once.", _positiveInt],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["handlers"] = []
+
+    def opt_handlers(self, module: str) -> None:
+        """Dotted module whose handlers run in this process (repeatable). Default with the
+        embedded bus: workers.examples."""
+        self["handlers"].append(module)
+
+    def postOptions(self) -> None:
+        _checkBroker(self["broker"])
+        limits = Limits(self["max-message-bytes"], self["max-in-flight"],
+                        self["default-timeout-ms"], self["max-timeout-ms"])
+        if limits.defaultTimeoutMs > limits.maxTimeoutMs:
+            raise usage.UsageError("--default-timeout-ms must not exceed --max-timeout-ms")
+        self.config = GatewayConfig(
+            listen=self["listen"], broker=self["broker"],
+            handlers=_checkHandlers(self["handlers"]),
+            gatewayId=self["gateway-id"] or newGatewayId(), amqpPrefix=self["amqp-prefix"],
+            limits=limits, autoPingIntervalS=self["auto-ping-interval"],
+            autoPingTimeoutS=self["auto-ping-timeout"],
+            openHandshakeTimeoutS=self["open-handshake-timeout"],
+            drainTimeoutS=self["drain-timeout"], workerConcurrency=self["worker-concurrency"])
+        if self.config.gatewayId and not all(c.isalnum() or c in "-_." for c in
+                                             self.config.gatewayId):
+            raise usage.UsageError("--gateway-id may use letters, digits, '-', '_' and '.'")
+        _checkHandlers(list(self.config.inProcessHandlers))
+
+
+class WorkerOptions(_EnvironmentOptions):
+    synopsis = "--broker amqp://... --handlers MODULE [--handlers MODULE ...]"
+    longdesc = "Run relaybus request handlers against RabbitMQ."
+    repeatable = ("handlers",)
+    optParameters = [
+        ["broker", "b", None, "amqp:// or amqps:// URL of RabbitMQ (required)."],
+        ["concurrency", "c", 10, "Requests run at once (the AMQP prefetch).", _positiveInt],
+        ["amqp-prefix", None, "", "Prefix for every exchange and queue name."],
+        ["drain-timeout", None, 10.0, "Seconds to let running requests finish on shutdown.",
+         _positiveFloat],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["handlers"] = []
+
+    def opt_handlers(self, module: str) -> None:
+        """Dotted module whose IRequestHandler objects this worker serves (repeatable)."""
+        self["handlers"].append(module)
+
+    def postOptions(self) -> None:
+        if not self["broker"] or self["broker"] == "memory":
+            raise usage.UsageError("--broker amqp://... is required for a worker")
+        _checkBroker(self["broker"])
+        if not self["handlers"]:
+            raise usage.UsageError("name at least one --handlers module")
+        self.config = WorkerConfig(
+            broker=self["broker"], handlers=_checkHandlers(self["handlers"]),
+            concurrency=self["concurrency"], amqpPrefix=self["amqp-prefix"],
+            drainTimeoutS=self["drain-timeout"])

@@ -1,0 +1,125 @@
+"""Service trees for the gateway and the worker, shared by the twistd plugins and relaybus.tac.
+
+Both stop in order (MultiService would stop every child at once): first stop taking work,
+then let the work in hand finish within the drain timeout, then close connections and the bus.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
+
+from relaybus.amqp import AmqpRequestBus, AmqpWorkerBus, Topology
+from relaybus.config import GatewayConfig, WorkerConfig
+from relaybus.correlation import CorrelationTable
+from relaybus.gateway import GatewayFactory, makeSite
+from relaybus.interfaces import IRequestBus, IWorkerBus
+from relaybus.memory import MemoryBus
+from relaybus.worker import WorkerRuntime, registerHandlers
+
+log = Logger(namespace="relaybus.service")
+
+
+def _defaultReactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+class GatewayService(MultiService):
+    """The bus, any in-process workers and the WebSocket listener, started in that order."""
+
+    def __init__(self, config: GatewayConfig, reactor: Any = None) -> None:
+        super().__init__()
+        reactor = reactor or _defaultReactor()
+        self.config = config
+        self.draining = False
+        handlers = registerHandlers(*config.inProcessHandlers)
+        self.workers: list[tuple[WorkerRuntime, IService | None]] = []
+        bus: IRequestBus
+        if config.inMemory:
+            memoryBus = MemoryBus(reactor)
+            memoryBus.setServiceParent(self)
+            bus = memoryBus
+            if handlers:
+                runtime = WorkerRuntime(memoryBus, handlers, reactor, config.workerConcurrency,
+                                        config.drainTimeoutS)
+                runtime.setServiceParent(self)
+                self.workers.append((runtime, None))
+        else:
+            topology = Topology(config.amqpPrefix)
+            amqpBus = AmqpRequestBus(config.broker, reactor, topology, config.gatewayId)
+            amqpBus.setServiceParent(self)
+            bus = amqpBus
+            if handlers:
+                workerBus = AmqpWorkerBus(config.broker, reactor, topology,
+                                          f"relaybus in-process worker {config.gatewayId}")
+                runtime = WorkerRuntime(workerBus, handlers, reactor, config.workerConcurrency,
+                                        config.drainTimeoutS)
+                runtime.setServiceParent(self)
+                workerBus.setServiceParent(self)  # after its runtime, which calls serve()
+                self.workers.append((runtime, workerBus))
+        self.bus = bus
+        self.table = CorrelationTable(bus, reactor, config.limits, config.gatewayId)
+        self.factory = GatewayFactory(config, self.table)
+        self.site = makeSite(self.factory, bus, lambda: self.draining)
+        self.listener = strports.service(config.listen, self.site, reactor=reactor)
+        self.listener.setServiceParent(self)
+
+    def startService(self) -> None:
+        log.info("relaybus gateway {gatewayId} on {listen}, broker {broker}",
+                 gatewayId=self.config.gatewayId, listen=self.config.listen,
+                 broker=_redacted(self.config.broker))
+        super().startService()
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        self.running = False
+        self.draining = True
+        yield self.listener.stopService()
+        yield self.table.drain(self.config.drainTimeoutS)
+        yield self.factory.closeAll()
+        for runtime, workerBus in self.workers:
+            yield runtime.stopService()
+            if workerBus is not None:
+                yield workerBus.stopService()
+        yield self.bus.stopService()  # type: ignore[attr-defined]
+
+
+class WorkerService(MultiService):
+    """A worker process: handlers from the named modules, served from the broker."""
+
+    def __init__(self, config: WorkerConfig, reactor: Any = None) -> None:
+        super().__init__()
+        reactor = reactor or _defaultReactor()
+        self.config = config
+        handlers = registerHandlers(*config.handlers)
+        self.bus: IWorkerBus = AmqpWorkerBus(config.broker, reactor, Topology(config.amqpPrefix),
+                                             f"relaybus worker {','.join(handlers)}")
+        self.runtime = WorkerRuntime(self.bus, handlers, reactor, config.concurrency,
+                                     config.drainTimeoutS)
+        self.runtime.setServiceParent(self)
+        self.bus.setServiceParent(self)  # type: ignore[attr-defined]
+
+    def startService(self) -> None:
+        log.info("relaybus worker serving {types} from {broker}",
+                 types=", ".join(self.runtime._handlers), broker=_redacted(self.config.broker))
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        self.running = False
+        d: Deferred[Any] = self.runtime.stopService()
+        d.addCallback(lambda _: self.bus.stopService())  # type: ignore[attr-defined]
+        return d
+
+
+def _redacted(url: str) -> str:
+    """Broker URLs carry passwords: never log them."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url

@@ -1,0 +1,13 @@
+"""`twistd relaybus`: the gateway."""
+
+from twisted.application.service import IService
+
+from relaybus.options import GatewayOptions as Options
+from relaybus.service import GatewayService
+
+
+def makeService(options: Options) -> IService:
+    return GatewayService(options.config)
+
+
+__all__ = ["Options", "makeService"]

@@ -1,0 +1,294 @@
+"""The worker runtime: requests from the bus in, handler calls, chunks and one final reply out.
+
+A delivery is acked only after its final reply is published (at-least-once). A redelivered
+request may have been half-run by a worker that died, so by default it is answered with
+`worker_lost` instead of being run again; handlers that declare `idempotent = True` run again.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import inspect
+import traceback
+from types import ModuleType
+from typing import Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from relaybus.errors import WORKER_ERROR_CODES, ErrorCode, RelaybusError
+from relaybus.frames import decodeJSON, encodeJSON
+from relaybus.interfaces import IRequestHandler, IRequestReceiver, IRequestStream, IWorkerBus
+from relaybus.messages import CancelNotice, Delivery, ReplyKind, ReplyMessage
+
+log = Logger(namespace="relaybus.worker")
+
+# Cancel notices for requests not (yet) running are remembered this long, in case the request
+# is still queued: it is then skipped instead of run.
+REMEMBER_CANCELLED_S = 300.0
+REMEMBER_CANCELLED_MAX = 10_000
+
+
+def registerHandlers(*sources: Any) -> dict[str, IRequestHandler]:
+    """Collect handlers by requestType from handler objects, modules or dotted module names.
+
+    A module contributes every module-level object that provides IRequestHandler.
+    """
+    registry: dict[str, IRequestHandler] = {}
+    for source in sources:
+        for handler in _handlersIn(source):
+            if handler.requestType in registry:
+                raise ValueError(f"two handlers serve requestType {handler.requestType!r}")
+            registry[handler.requestType] = handler
+    return registry
+
+
+def _handlersIn(source: Any) -> list[IRequestHandler]:
+    if isinstance(source, str):
+        source = importlib.import_module(source)
+    if isinstance(source, ModuleType):
+        found = [value for value in vars(source).values()
+                 if not isinstance(value, type) and IRequestHandler.providedBy(value)]
+        if not found:
+            raise ValueError(f"module {source.__name__} defines no IRequestHandler")
+        return found
+    if IRequestHandler.providedBy(source):
+        return [source]
+    raise TypeError(f"{source!r} is not a handler, a module or a module name")
+
+
+@attrs.frozen
+class HandlerRequest:
+    """What a handler is given about one request."""
+
+    payload: Any
+    requestType: str
+    correlationId: str
+    deadline: float
+    redelivered: bool
+    principal: str | None
+
+
+@implementer(IRequestStream)
+@attrs.define(eq=False)
+class _Stream:
+    _runtime: WorkerRuntime
+    _delivery: Delivery
+    _nextSeq: int = 0
+    ended: bool = False
+
+    def sendChunk(self, data: Any) -> Deferred[None]:
+        if self.ended:
+            log.debug("Chunk after the end of {correlationId} dropped",
+                      correlationId=self._delivery.message.correlationId)
+            return succeed(None)
+        seq, self._nextSeq = self._nextSeq, self._nextSeq + 1
+        return self._runtime._publish(self._delivery, ReplyKind.CHUNK, encodeJSON(data), seq)
+
+
+@attrs.define(eq=False)
+class _Running:
+    delivery: Delivery
+    stream: _Stream
+    work: Deferred[Any] | None = None
+    deadlineTimer: IDelayedCall | None = None
+    endReason: str | None = None  # why the runtime cancelled it, if it did
+
+
+@implementer(IRequestReceiver)
+class WorkerRuntime(Service):
+    """Runs handlers for the deliveries of one IWorkerBus."""
+
+    def __init__(self, bus: IWorkerBus, handlers: dict[str, IRequestHandler],
+                 clock: IReactorTime, concurrency: int = 10, drainTimeoutS: float = 10.0) -> None:
+        self._bus = bus
+        self._handlers = handlers
+        self._clock = clock
+        self._concurrency = concurrency
+        self._drainTimeoutS = drainTimeoutS
+        self._running: dict[str, _Running] = {}
+        self._cancelled: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._accepting = False
+
+    @property
+    def runningCount(self) -> int:
+        return len(self._running)
+
+    def startService(self) -> None:
+        super().startService()
+        self._accepting = True
+        self._bus.serve(list(self._handlers), self, self._concurrency)
+
+    def stopService(self) -> Deferred[None]:
+        """Finish what is running (up to the drain timeout), then hand the rest back."""
+        super().stopService()
+        self._accepting = False
+        stopServing = getattr(self._bus, "stopServing", None)
+        if stopServing is not None:
+            stopServing(self)
+        done: Deferred[None] = Deferred()
+
+        def check() -> None:
+            if not self._running or self._clock.seconds() >= giveUpAt:
+                for running in list(self._running.values()):
+                    self._abandon(running, "the worker is shutting down", requeue=True)
+                done.callback(None)
+            else:
+                self._clock.callLater(0.05, check)
+
+        giveUpAt = self._clock.seconds() + self._drainTimeoutS
+        check()
+        return done
+
+    # IRequestReceiver
+
+    def requestReceived(self, delivery: Delivery) -> None:
+        message = delivery.message
+        handler = self._handlers.get(message.requestType)
+        if not self._accepting:
+            delivery.requeue()
+            return
+        if handler is None:
+            self._refuse(delivery, ErrorCode.HANDLER_ERROR,
+                         f"this worker does not serve {message.requestType!r}")
+            return
+        if message.deadline <= self._clock.seconds():
+            log.info("Skipped {correlationId}: its deadline passed while queued",
+                     correlationId=message.correlationId)
+            delivery.ack()
+            return
+        if self._cancelled.pop(message.correlationId, None) is not None:
+            delivery.ack()
+            return
+        if delivery.redelivered and not getattr(handler, "idempotent", False):
+            self._refuse(delivery, ErrorCode.WORKER_LOST,
+                         "the worker handling this request was lost; it was not retried")
+            return
+        try:
+            payload = decodeJSON(message.body)
+        except (ValueError, UnicodeDecodeError):
+            self._refuse(delivery, ErrorCode.BAD_REQUEST, "the request payload is not JSON")
+            return
+        request = HandlerRequest(payload, message.requestType, message.correlationId,
+                                 message.deadline, delivery.redelivered, message.principal)
+        running = _Running(delivery, _Stream(self, delivery))
+        self._running[message.correlationId] = running
+        running.deadlineTimer = self._clock.callLater(
+            message.deadline - self._clock.seconds(), self._abandon, running,
+            "the request's deadline passed", False, ErrorCode.TIMEOUT)
+        running.work = _call(handler, request, running.stream)
+        running.work.addBoth(self._handlerEnded, running)
+
+    def cancelReceived(self, notice: CancelNotice) -> None:
+        running = self._running.get(notice.correlationId)
+        if running is not None:
+            self._abandon(running, f"cancelled by the gateway ({notice.reason})", requeue=False,
+                          code=ErrorCode.CANCELLED)
+            return
+        now = self._clock.seconds()
+        self._cancelled[notice.correlationId] = now + REMEMBER_CANCELLED_S
+        while self._cancelled and (len(self._cancelled) > REMEMBER_CANCELLED_MAX
+                                   or next(iter(self._cancelled.values())) < now):
+            self._cancelled.popitem(last=False)
+
+    def busInterrupted(self, reason: Failure | None) -> None:
+        # Unsettled deliveries go back to the queue with the broker; the gateway has already
+        # ended these requests, so stop the work without replying.
+        for running in list(self._running.values()):
+            self._abandon(running, "lost the connection to the message broker", requeue=None)
+
+    # Internals
+
+    def _abandon(self, running: _Running, why: str, requeue: bool | None,
+                 code: ErrorCode = ErrorCode.CANCELLED) -> None:
+        """Stop a running handler. requeue: True hands it back, False replies `code`,
+        None drops it silently (the bus is gone)."""
+        if running.endReason is not None:
+            return
+        running.endReason = why
+        running.stream.ended = True
+        correlationId = running.delivery.message.correlationId
+        self._running.pop(correlationId, None)
+        if running.deadlineTimer is not None and running.deadlineTimer.active():
+            running.deadlineTimer.cancel()
+        if running.work is not None:
+            running.work.cancel()
+        if requeue is True:
+            running.delivery.requeue()
+        elif requeue is False:
+            self._refuse(running.delivery, code, why)
+
+    def _handlerEnded(self, result: Any, running: _Running) -> None:
+        if running.endReason is not None:
+            if isinstance(result, Failure) and not result.check(CancelledError):
+                log.failure("Handler failed after it was cancelled", result)
+            return
+        running.endReason = "ended"
+        running.stream.ended = True
+        message = running.delivery.message
+        self._running.pop(message.correlationId, None)
+        if running.deadlineTimer is not None and running.deadlineTimer.active():
+            running.deadlineTimer.cancel()
+        if isinstance(result, Failure):
+            kind, body = ReplyKind.ERROR, encodeJSON(_errorReply(result, message.correlationId))
+        else:
+            try:
+                kind, body = ReplyKind.RESPONSE, encodeJSON(result)
+            except (TypeError, ValueError) as e:
+                log.error("Handler for {requestType} returned a value that is not JSON: {e}",
+                          requestType=message.requestType, e=e)
+                kind, body = ReplyKind.ERROR, encodeJSON(
+                    {"code": "handler_error", "message": "the handler's result is not JSON"})
+        self._publish(running.delivery, kind, body).addBoth(
+            self._settleAfterFinalReply, running.delivery)
+
+    def _refuse(self, delivery: Delivery, code: ErrorCode, message: str) -> None:
+        self._publish(delivery, ReplyKind.ERROR,
+                      encodeJSON({"code": str(code), "message": message})).addBoth(
+            self._settleAfterFinalReply, delivery)
+
+    def _settleAfterFinalReply(self, result: Any, delivery: Delivery) -> None:
+        if isinstance(result, Failure):
+            # Not acked: the broker redelivers it once we (or another worker) reconnect.
+            log.warn("Final reply for {correlationId} not published: {why}",
+                     correlationId=delivery.message.correlationId,
+                     why=result.getErrorMessage())
+            return
+        delivery.ack()
+
+    def _publish(self, delivery: Delivery, kind: ReplyKind, body: bytes,
+                 seq: int | None = None) -> Deferred[None]:
+        message = delivery.message
+        return self._bus.publishReply(ReplyMessage(
+            correlationId=message.correlationId, replyTo=message.replyTo, kind=kind,
+            body=body, seq=seq))
+
+
+def _call(handler: IRequestHandler, request: HandlerRequest,
+          stream: IRequestStream) -> Deferred[Any]:
+    d = maybeDeferred(handler.handle, request, stream)
+
+    def awaitCoroutine(result: Any) -> Any:
+        if inspect.iscoroutine(result):
+            return ensureDeferred(result)
+        return result
+
+    return d.addCallback(awaitCoroutine)
+
+
+def _errorReply(failure: Failure, correlationId: str) -> dict[str, str]:
+    error = failure.value
+    if isinstance(error, RelaybusError) and error.code in WORKER_ERROR_CODES:
+        return error.asDict()
+    if isinstance(error, CancelledError):
+        return {"code": "cancelled", "message": "the request was cancelled"}
+    log.error("Handler failed for {correlationId}:\n{tb}", correlationId=correlationId,
+              tb="".join(traceback.format_exception(error)))
+    return {"code": "handler_error", "message": "the handler failed; see the worker's log"}
+

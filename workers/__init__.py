@@ -1,0 +1,1 @@
+"""Example relaybus workers: `--handlers workers.examples`."""
