@@ -26,7 +26,7 @@ MAX_PRIMES_LIMIT = 10_000_000
 def _defaultClock() -> IReactorTime:
     from twisted.internet import reactor
 
-    return reactor  # type: ignore[return-value]
+    return reactor
 
 
 def _intField(payload: Any, name: str, default: int, low: int, high: int) -> int:

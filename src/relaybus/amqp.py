@@ -6,6 +6,7 @@ change them together. pika stays inside this module so that it can be swapped ou
 
 from __future__ import annotations
 
+import functools
 import urllib.parse
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -102,15 +103,19 @@ def consumeForever(queue: Any, handle: Callable[[Any], None]) -> None:
             log.failure("Handling an AMQP message failed")
         return True
 
-    def step(_: Any = None) -> None:
+    def later(more: bool) -> None:
+        if more:
+            step()
+
+    def step() -> None:
         while True:
-            d = queue.get()
-            outcome: list[bool] = []
-            d.addCallbacks(deliver, lambda _failure: False).addCallback(outcome.append)
-            if not outcome:  # nothing ready yet: continue when something arrives
-                d.addCallback(lambda _: step() if outcome[0] else None)
+            d = queue.get().addCallbacks(deliver, lambda _failure: False)
+            if not d.called:  # nothing ready yet: continue when something arrives
+                d.addCallback(later)
                 return
-            if not outcome[0]:  # the queue is closed: channel or connection gone
+            more: list[bool] = []
+            d.addCallback(more.append)
+            if not more[0]:  # the queue is closed: channel or connection gone
                 return
 
     step()
@@ -171,7 +176,7 @@ class BrokerLink(Service):
 
     def _handshakeFailed(self, failure: Failure) -> None:
         log.warn("AMQP {name}: connection failed: {why}", name=self._name,
-                 why=failure.getErrorMessage() or failure.type.__name__)
+                 why=failure.getErrorMessage() or repr(failure.value))
 
     def _handshaken(self, connection: TwistedProtocolConnection) -> Deferred[Any]:
         def ready(_: Any) -> None:
@@ -219,8 +224,8 @@ def _properties(**kwargs: Any) -> pika.BasicProperties:
 def _unavailable(failure: Failure) -> Failure:
     if failure.check(RelaybusError):
         return failure
-    return Failure(RelaybusError(ErrorCode.UNAVAILABLE,
-                                 f"the message broker did not take it: {failure.getErrorMessage()}"))
+    why = failure.getErrorMessage()
+    return Failure(RelaybusError(ErrorCode.UNAVAILABLE, f"the message broker did not take it: {why}"))
 
 
 @implementer(IRequestBus)
@@ -408,7 +413,7 @@ class AmqpWorkerBus(MultiService):
             queue, tag = yield consuming.basic_consume(
                 queue=topology.requestQueue(requestType), auto_ack=False)
             self._consumerTags.append(tag)
-            consumeForever(queue, lambda message, c=consuming: self._requestArrived(c, message))
+            consumeForever(queue, functools.partial(self._requestArrived, consuming))
 
     def _lost(self, reason: Failure) -> None:
         self._consuming = self._publishing = None

@@ -1,4 +1,4 @@
-"""Every tunable of a gateway or worker, in one place, with the defaults documented in the README."""
+"""Every tunable of a gateway or worker in one place; the defaults are documented in the README."""
 
 from __future__ import annotations
 

@@ -197,7 +197,12 @@ class CorrelationTable:
         self._whenEmpty.append(done)
         timer = self._clock.callLater(timeoutS, self._endAll, ErrorCode.SHUTTING_DOWN,
                                       "the gateway is shutting down")
-        done.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+
+        def stopTimer(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+
+        done.addCallback(stopTimer)
         return done
 
     def _endAll(self, code: ErrorCode, message: str) -> None:
@@ -260,7 +265,12 @@ class CorrelationTable:
     @staticmethod
     def _sendError(failure: Failure, entry: PendingRequest) -> None:
         # The error frame is the failure's final handling: nothing is left unhandled.
-        entry.connection.deliverFrame(errorFrame(entry.requestId, failure.value))
+        error = failure.value
+        if not isinstance(error, RelaybusError):  # a bug of ours: still end the request
+            log.failure("Request {correlationId} failed", failure,
+                        correlationId=entry.correlationId)
+            error = RelaybusError(ErrorCode.UNAVAILABLE, "the gateway failed")
+        entry.connection.deliverFrame(errorFrame(entry.requestId, error))
 
 
 def _workerError(data: Any) -> RelaybusError:

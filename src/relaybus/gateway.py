@@ -80,7 +80,7 @@ class GatewayProtocol(WebSocketServerProtocol):
 
 
 class GatewayFactory(WebSocketServerFactory):
-    protocol = GatewayProtocol
+    protocol = GatewayProtocol  # type: ignore[assignment]
 
     def __init__(self, config: GatewayConfig, table: CorrelationTable) -> None:
         super().__init__()

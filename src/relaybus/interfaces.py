@@ -59,6 +59,9 @@ class IWorkerBus(Interface):
         At most `prefetch` deliveries are unsettled at once.
         """
 
+    def stopServing(receiver):
+        """Stop delivering new requests to `receiver`; those in hand can still be settled."""
+
     def isReady():
         """True when replies can be published right now."""
 

@@ -9,6 +9,7 @@ that are asynchronous and strictly ordered.
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -85,7 +86,7 @@ class MemoryBus(Service):
 
     def publishCancel(self, notice: CancelNotice) -> None:
         for consumer in self._consumers.get(notice.requestType, ()):
-            self._later(lambda c=consumer: c.receiver.cancelReceived(notice))
+            self._later(functools.partial(consumer.receiver.cancelReceived, notice))
 
     # IWorkerBus
 
@@ -160,7 +161,8 @@ class MemoryBus(Service):
             settled = True
             consumer.unsettled -= 1
             if requeue:
-                self._queues.setdefault(requestType, collections.deque()).appendleft((message, True))
+                queue = self._queues.setdefault(requestType, collections.deque())
+                queue.appendleft((message, True))
             self._later(lambda: self._pump(requestType))
 
         return settle

@@ -13,7 +13,6 @@ from relaybus.amqp import validateBrokerURL
 from relaybus.config import GatewayConfig, Limits, WorkerConfig, newGatewayId
 from relaybus.worker import registerHandlers
 
-
 _LIMITS = Limits()
 _GATEWAY = GatewayConfig(gatewayId="defaults")
 
@@ -64,7 +63,7 @@ class _EnvironmentOptions(usage.Options):
         environ = os.environ if environ is None else environ
         argv: list[str] = []
         options = cls()
-        for name in [p[0] for p in options.optParameters]:
+        for name in [p[0] for p in getattr(options, "optParameters", [])]:
             value = environ.get("RELAYBUS_" + name.upper().replace("-", "_"))
             if value is None:
                 continue

@@ -10,14 +10,14 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 
 from relaybus.amqp import AmqpRequestBus, AmqpWorkerBus, Topology
 from relaybus.config import GatewayConfig, WorkerConfig
 from relaybus.correlation import CorrelationTable
 from relaybus.gateway import GatewayFactory, makeSite
-from relaybus.interfaces import IRequestBus, IWorkerBus
+from relaybus.interfaces import IRequestBus
 from relaybus.memory import MemoryBus
 from relaybus.worker import WorkerRuntime, registerHandlers
 
@@ -87,7 +87,7 @@ class GatewayService(MultiService):
             yield runtime.stopService()
             if workerBus is not None:
                 yield workerBus.stopService()
-        yield self.bus.stopService()  # type: ignore[attr-defined]
+        yield self.bus.stopService()
 
 
 class WorkerService(MultiService):
@@ -98,23 +98,23 @@ class WorkerService(MultiService):
         reactor = reactor or _defaultReactor()
         self.config = config
         handlers = registerHandlers(*config.handlers)
-        self.bus: IWorkerBus = AmqpWorkerBus(config.broker, reactor, Topology(config.amqpPrefix),
+        self.bus = AmqpWorkerBus(config.broker, reactor, Topology(config.amqpPrefix),
                                              f"relaybus worker {','.join(handlers)}")
         self.runtime = WorkerRuntime(self.bus, handlers, reactor, config.concurrency,
                                      config.drainTimeoutS)
         self.runtime.setServiceParent(self)
-        self.bus.setServiceParent(self)  # type: ignore[attr-defined]
+        self.bus.setServiceParent(self)
 
     def startService(self) -> None:
         log.info("relaybus worker serving {types} from {broker}",
                  types=", ".join(self.runtime._handlers), broker=_redacted(self.config.broker))
         super().startService()
 
-    def stopService(self) -> Deferred[None]:
+    @inlineCallbacks
+    def stopService(self) -> Any:
         self.running = False
-        d: Deferred[Any] = self.runtime.stopService()
-        d.addCallback(lambda _: self.bus.stopService())  # type: ignore[attr-defined]
-        return d
+        yield self.runtime.stopService()
+        yield self.bus.stopService()
 
 
 def _redacted(url: str) -> str:

@@ -129,9 +129,7 @@ class WorkerRuntime(Service):
         """Finish what is running (up to the drain timeout), then hand the rest back."""
         super().stopService()
         self._accepting = False
-        stopServing = getattr(self._bus, "stopServing", None)
-        if stopServing is not None:
-            stopServing(self)
+        self._bus.stopServing(self)
         done: Deferred[None] = Deferred()
 
         def check() -> None:

@@ -1,0 +1,316 @@
+"""Test support: an in-memory fake for every relaybus interface, and real twistd processes.
+
+The fakes record what they are asked to do and let a test play the other side by hand; each
+provides its interface fully (tests check that with verifyObject).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from relaybus.errors import RelaybusError
+from relaybus.frames import decodeJSON
+from relaybus.interfaces import (
+    IClientConnection,
+    IReplyReceiver,
+    IRequestBus,
+    IRequestHandler,
+    IRequestReceiver,
+    IRequestStream,
+    IWorkerBus,
+)
+from relaybus.messages import CancelNotice, Delivery, ReplyMessage, RequestMessage
+
+# Fakes
+
+
+@implementer(IClientConnection)
+@attrs.define(eq=False)
+class FakeClientConnection:
+    """A client connection that keeps every frame sent to it, decoded."""
+
+    connectionId: str = "connection-1"
+    frames: list[dict[str, Any]] = attrs.field(factory=list)
+
+    def deliverFrame(self, frame: bytes) -> None:
+        self.frames.append(decodeJSON(frame))
+
+    def terminalFrames(self, requestId: str) -> list[dict[str, Any]]:
+        return [f for f in self.frames
+                if f.get("requestId") == requestId and f["type"] in ("response", "error")]
+
+
+@implementer(IRequestBus)
+@attrs.define(eq=False)
+class FakeRequestBus:
+    """A gateway bus whose publishes stay pending until the test settles them.
+
+    `publishResult` set to a RelaybusError makes every publish fail with it at once.
+    """
+
+    replyTo: str = "fake-gateway"
+    ready: bool = True
+    publishResult: RelaybusError | None = None
+    published: list[tuple[RequestMessage, Deferred[None]]] = attrs.field(factory=list)
+    cancels: list[CancelNotice] = attrs.field(factory=list)
+    receiver: IReplyReceiver | None = None
+
+    def listen(self, receiver: IReplyReceiver) -> None:
+        self.receiver = receiver
+
+    def isReady(self) -> bool:
+        return self.ready
+
+    def publishRequest(self, message: RequestMessage) -> Deferred[None]:
+        if self.publishResult is not None:
+            return fail(self.publishResult)
+        d: Deferred[None] = Deferred()
+        self.published.append((message, d))
+        return d
+
+    def publishCancel(self, notice: CancelNotice) -> None:
+        self.cancels.append(notice)
+
+    def reply(self, message: RequestMessage, kind: str, body: bytes,
+              seq: int | None = None) -> None:
+        """Play a worker: deliver a reply to the listening gateway."""
+        from relaybus.messages import ReplyKind
+
+        assert self.receiver is not None
+        self.receiver.replyReceived(ReplyMessage(message.correlationId, message.replyTo,
+                                                 ReplyKind(kind), body, seq))
+
+
+@implementer(IWorkerBus)
+@attrs.define(eq=False)
+class FakeWorkerBus:
+    """A worker bus: the test hands in deliveries and reads the replies published."""
+
+    ready: bool = True
+    replies: list[ReplyMessage] = attrs.field(factory=list)
+    settled: dict[str, str] = attrs.field(factory=dict)  # correlationId -> "ack" | "requeue"
+    receiver: IRequestReceiver | None = None
+    requestTypes: list[str] = attrs.field(factory=list)
+    prefetch: int = 0
+    failPublishes: bool = False
+
+    def serve(self, requestTypes: Iterable[str], receiver: IRequestReceiver,
+              prefetch: int) -> None:
+        self.requestTypes = list(requestTypes)
+        self.receiver = receiver
+        self.prefetch = prefetch
+
+    def stopServing(self, receiver: IRequestReceiver) -> None:
+        self.receiver = None
+
+    def isReady(self) -> bool:
+        return self.ready
+
+    def publishReply(self, reply: ReplyMessage) -> Deferred[None]:
+        if self.failPublishes:
+            return fail(RelaybusError("unavailable", "fake bus is down"))
+        self.replies.append(reply)
+        return succeed(None)
+
+    def deliver(self, message: RequestMessage, redelivered: bool = False) -> Delivery:
+        def settle(requeue: bool) -> None:
+            assert message.correlationId not in self.settled, "settled twice"
+            self.settled[message.correlationId] = "requeue" if requeue else "ack"
+
+        delivery = Delivery(message, redelivered, settle)
+        assert self.receiver is not None
+        self.receiver.requestReceived(delivery)
+        return delivery
+
+    def repliesFor(self, correlationId: str) -> list[ReplyMessage]:
+        return [r for r in self.replies if r.correlationId == correlationId]
+
+
+@implementer(IReplyReceiver)
+@attrs.define(eq=False)
+class FakeReplyReceiver:
+    replies: list[ReplyMessage] = attrs.field(factory=list)
+    interruptions: list[Failure | None] = attrs.field(factory=list)
+
+    def replyReceived(self, reply: ReplyMessage) -> None:
+        self.replies.append(reply)
+
+    def busInterrupted(self, reason: Failure | None) -> None:
+        self.interruptions.append(reason)
+
+
+@implementer(IRequestReceiver)
+@attrs.define(eq=False)
+class FakeRequestReceiver:
+    """Records deliveries; settles them only when the test says so."""
+
+    deliveries: list[Delivery] = attrs.field(factory=list)
+    cancels: list[CancelNotice] = attrs.field(factory=list)
+    interruptions: list[Failure | None] = attrs.field(factory=list)
+
+    def requestReceived(self, delivery: Delivery) -> None:
+        self.deliveries.append(delivery)
+
+    def cancelReceived(self, notice: CancelNotice) -> None:
+        self.cancels.append(notice)
+
+    def busInterrupted(self, reason: Failure | None) -> None:
+        self.interruptions.append(reason)
+
+
+@implementer(IRequestStream)
+@attrs.define(eq=False)
+class FakeRequestStream:
+    chunks: list[Any] = attrs.field(factory=list)
+
+    def sendChunk(self, data: Any) -> Deferred[None]:
+        self.chunks.append(data)
+        return succeed(None)
+
+
+@implementer(IRequestHandler)
+@attrs.define(eq=False)
+class FakeRequestHandler:
+    """A handler whose every call waits on a Deferred the test fires (or cancels)."""
+
+    requestType: str = "fake"
+    idempotent: bool = False
+    calls: list[tuple[Any, IRequestStream, Deferred[Any]]] = attrs.field(factory=list)
+    cancelled: list[Any] = attrs.field(factory=list)
+
+    def handle(self, request: Any, stream: IRequestStream) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred(lambda _: self.cancelled.append(request))
+        self.calls.append((request, stream, d))
+        return d
+
+
+# Real processes, started the way a user starts them
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def twistdCommand() -> list[str]:
+    """The `twistd` next to this interpreter (the virtualenv's), as a user would run it."""
+    twistd = Path(sys.executable).parent / "twistd"
+    return [str(twistd)] if twistd.exists() else [sys.executable, "-m", "twisted.scripts.twistd"]
+
+
+class ServiceProcess:
+    """One `twistd --nodaemon <plugin> ...` process with its log in a file."""
+
+    def __init__(self, plugin: str, args: list[str], env: dict[str, str] | None = None,
+                 name: str | None = None) -> None:
+        self.plugin = plugin
+        self.args = args
+        self.name = name or plugin
+        self._env = env
+        self._logDir = tempfile.mkdtemp(prefix=f"relaybus-{self.name}-")
+        self.logPath = Path(self._logDir) / "twistd.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServiceProcess:
+        env = dict(os.environ if self._env is None else self._env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        with open(self.logPath, "ab") as log:
+            self.process = subprocess.Popen(
+                [*twistdCommand(), "--nodaemon", "--pidfile=", self.plugin, *self.args],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self._logDir,
+                start_new_session=True)
+        return self
+
+    @property
+    def log(self) -> str:
+        return self.logPath.read_text(errors="replace") if self.logPath.exists() else ""
+
+    def waitForLog(self, pattern: str, timeout: float = 20.0, count: int = 1) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(re.findall(pattern, self.log)) >= count:
+                return
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.process.returncode}):\n{self.log}")
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name}: no {pattern!r} in the log after {timeout}s:\n"
+                           f"{self.log[-4000:]}")
+
+    def signal(self, signum: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM, then wait; SIGKILL if it will not go. Returns the exit code."""
+        if self.process is None:
+            return 0
+        self.signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+            raise RuntimeError(
+                f"{self.name} ignored SIGTERM for {timeout}s:\n{self.log[-4000:]}") from None
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+
+class GatewayProcess(ServiceProcess):
+    def __init__(self, args: list[str], port: int | None = None, **kwargs: Any) -> None:
+        self.port = port or freePort()
+        super().__init__("relaybus", ["--listen", f"tcp:{self.port}:interface=127.0.0.1",
+                                      *args], **kwargs)
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def httpStatus(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
+
+    def waitUntilReady(self, timeout: float = 20.0) -> GatewayProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.process.returncode}):\n{self.log}")
+            try:
+                if self.httpStatus("/readyz") == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.log[-4000:]}")
+
+
+class WorkerProcess(ServiceProcess):
+    def __init__(self, args: list[str], **kwargs: Any) -> None:
+        super().__init__("relaybus-worker", args, **kwargs)
+
+    def waitUntilReady(self, timeout: float = 20.0, count: int = 1) -> WorkerProcess:
+        self.waitForLog(r"connected and set up", timeout, count)
+        return self
