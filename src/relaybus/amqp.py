@@ -225,7 +225,7 @@ def _unavailable(failure: Failure) -> Failure:
     if failure.check(RelaybusError):
         return failure
     why = failure.getErrorMessage()
-    return Failure(RelaybusError(ErrorCode.UNAVAILABLE, f"the message broker did not take it: {why}"))
+    return Failure(RelaybusError(ErrorCode.UNAVAILABLE, f"the broker did not take it: {why}"))
 
 
 @implementer(IRequestBus)

@@ -212,6 +212,8 @@ class WorkerRuntime(Service):
         running.endReason = why
         running.stream.ended = True
         correlationId = running.delivery.message.correlationId
+        log.info("Stopped {requestType} {correlationId}: {why}", why=why,
+                 requestType=running.delivery.message.requestType, correlationId=correlationId)
         self._running.pop(correlationId, None)
         if running.deadlineTimer is not None and running.deadlineTimer.active():
             running.deadlineTimer.cancel()
