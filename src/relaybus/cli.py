@@ -1,0 +1,78 @@
+"""The `relaybus` command: `relaybus call REQUESTTYPE [PAYLOAD] [--url ...]`.
+
+Prints one JSON line per chunk and one for the final response or error; exits 0 on a
+response, 1 on an error, 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import react
+
+from relaybus.errors import RelaybusError
+
+DEFAULT_URL = "ws://127.0.0.1:8080/ws"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relaybus", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    call = commands.add_parser("call", help="send one request and print what comes back")
+    call.add_argument("requestType")
+    call.add_argument("payload", nargs="?", default="null", help="JSON (default: null)")
+    call.add_argument("--url", default=DEFAULT_URL, help=f"gateway WebSocket (default {DEFAULT_URL})")
+    call.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    return parser
+
+
+def _print(line: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(line) + "\n")
+    sys.stdout.flush()
+
+
+async def _call(reactor: Any, args: argparse.Namespace, payload: Any) -> int:
+    from relaybus.client import connect
+
+    try:
+        client = await connect(args.url, reactor, timeout=min(args.timeout, 10.0))
+    except RelaybusError as e:
+        _print({"type": "error", "code": str(e.code), "message": e.message})
+        return 1
+    seq = 0
+
+    def onChunk(data: Any) -> None:
+        nonlocal seq
+        _print({"type": "chunk", "seq": seq, "data": data})
+        seq += 1
+
+    try:
+        data = await client.call(args.requestType, payload, onChunk=onChunk,
+                                 timeout=args.timeout)
+    except RelaybusError as e:
+        _print({"type": "error", "code": str(e.code), "message": e.message})
+        return 1
+    finally:
+        if client.connected:
+            await client.close()
+    _print({"type": "response", "data": data})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        payload = json.loads(args.payload)
+    except ValueError as e:
+        _parser().error(f"payload is not JSON: {e}")
+
+    async def run(reactor: Any) -> None:
+        code = await _call(reactor, args, payload)
+        if code:
+            raise SystemExit(code)
+
+    react(lambda reactor: ensureDeferred(run(reactor)))
