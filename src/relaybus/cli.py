@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     call = commands.add_parser("call", help="send one request and print what comes back")
     call.add_argument("requestType")
     call.add_argument("payload", nargs="?", default="null", help="JSON (default: null)")
-    call.add_argument("--url", default=DEFAULT_URL, help=f"gateway WebSocket (default {DEFAULT_URL})")
+    call.add_argument("--url", default=DEFAULT_URL,
+                      help=f"gateway WebSocket (default {DEFAULT_URL})")
     call.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
     return parser
 
