@@ -50,7 +50,7 @@ class CancelNotice:
     reason: str
 
 
-@attrs.define
+@attrs.define(eq=False)
 class Delivery:
     """A request handed to a worker, with the means to settle it with its bus."""
 

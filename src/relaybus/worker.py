@@ -113,6 +113,9 @@ class WorkerRuntime(Service):
         self._concurrency = concurrency
         self._drainTimeoutS = drainTimeoutS
         self._running: dict[str, _Running] = {}
+        # Every delivery until it is settled (or can no longer be): what shutdown waits for.
+        self._inHand: set[Delivery] = set()
+        self._whenIdle: list[Deferred[None]] = []
         self._cancelled: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._accepting = False
 
@@ -126,23 +129,28 @@ class WorkerRuntime(Service):
         self._bus.serve(list(self._handlers), self, self._concurrency)
 
     def stopService(self) -> Deferred[None]:
-        """Finish what is running (up to the drain timeout), then hand the rest back."""
+        """Finish what is in hand (up to the drain timeout), then hand the rest back."""
         super().stopService()
         self._accepting = False
         self._bus.stopServing(self)
         done: Deferred[None] = Deferred()
+        if not self._inHand:
+            done.callback(None)
+            return done
+        self._whenIdle.append(done)
+        timer = self._clock.callLater(self._drainTimeoutS, self._handBackAll)
 
-        def check() -> None:
-            if not self._running or self._clock.seconds() >= giveUpAt:
-                for running in list(self._running.values()):
-                    self._abandon(running, "the worker is shutting down", requeue=True)
-                done.callback(None)
-            else:
-                self._clock.callLater(0.05, check)
+        def stopTimer(result: None) -> None:
+            if timer.active():
+                timer.cancel()
 
-        giveUpAt = self._clock.seconds() + self._drainTimeoutS
-        check()
-        return done
+        return done.addCallback(stopTimer)
+
+    def _handBackAll(self) -> None:
+        for running in list(self._running.values()):
+            self._abandon(running, "the worker is shutting down", requeue=True)
+        for delivery in list(self._inHand):  # final replies still unconfirmed
+            self._settle(delivery, requeue=None)
 
     # IRequestReceiver
 
@@ -152,6 +160,7 @@ class WorkerRuntime(Service):
         if not self._accepting:
             delivery.requeue()
             return
+        self._inHand.add(delivery)
         if handler is None:
             self._refuse(delivery, ErrorCode.HANDLER_ERROR,
                          f"this worker does not serve {message.requestType!r}")
@@ -159,10 +168,12 @@ class WorkerRuntime(Service):
         if message.deadline <= self._clock.seconds():
             log.info("Skipped {correlationId}: its deadline passed while queued",
                      correlationId=message.correlationId)
-            delivery.ack()
+            self._settle(delivery, requeue=False)
             return
         if self._cancelled.pop(message.correlationId, None) is not None:
-            delivery.ack()
+            log.info("Skipped {correlationId}: cancelled while queued",
+                     correlationId=message.correlationId)
+            self._settle(delivery, requeue=False)
             return
         if delivery.redelivered and not getattr(handler, "idempotent", False):
             self._refuse(delivery, ErrorCode.WORKER_LOST,
@@ -200,6 +211,8 @@ class WorkerRuntime(Service):
         # ended these requests, so stop the work without replying.
         for running in list(self._running.values()):
             self._abandon(running, "lost the connection to the message broker", requeue=None)
+        for delivery in list(self._inHand):
+            self._settle(delivery, requeue=None)
 
     # Internals
 
@@ -219,10 +232,10 @@ class WorkerRuntime(Service):
             running.deadlineTimer.cancel()
         if running.work is not None:
             running.work.cancel()
-        if requeue is True:
-            running.delivery.requeue()
-        elif requeue is False:
+        if requeue is False:
             self._refuse(running.delivery, code, why)
+        else:
+            self._settle(running.delivery, requeue)
 
     def _handlerEnded(self, result: Any, running: _Running) -> None:
         if running.endReason is not None:
@@ -259,8 +272,23 @@ class WorkerRuntime(Service):
             log.warn("Final reply for {correlationId} not published: {why}",
                      correlationId=delivery.message.correlationId,
                      why=result.getErrorMessage())
+            self._settle(delivery, requeue=None)
+        else:
+            self._settle(delivery, requeue=False)
+
+    def _settle(self, delivery: Delivery, requeue: bool | None) -> None:
+        """Ack (False), hand back (True) or just let go (None: the bus is gone) a delivery."""
+        if delivery not in self._inHand:
             return
-        delivery.ack()
+        self._inHand.discard(delivery)
+        if requeue is False:
+            delivery.ack()
+        elif requeue is True:
+            delivery.requeue()
+        if not self._inHand and self._whenIdle:
+            waiters, self._whenIdle = self._whenIdle, []
+            for waiter in waiters:
+                waiter.callback(None)
 
     def _publish(self, delivery: Delivery, kind: ReplyKind, body: bytes,
                  seq: int | None = None) -> Deferred[None]:
