@@ -65,6 +65,7 @@ class CorrelationTable:
         self._byConnection: dict[str, dict[str, PendingRequest]] = {}
         self._accepting = True
         self._whenEmpty: list[Deferred[None]] = []
+        self.lateReplies = 0
         bus.listen(self)
 
     def __len__(self) -> int:
@@ -155,8 +156,9 @@ class CorrelationTable:
     def replyReceived(self, reply: ReplyMessage) -> None:
         entry = self._pending.get(reply.correlationId)
         if entry is None:
-            log.debug("Dropped a late {kind} for {correlationId}", kind=reply.kind,
-                      correlationId=reply.correlationId)
+            # Normal after a cancel, deadline or disconnect; counted, not logged (twistd logs
+            # every level, and a burst of disconnects would flood the log).
+            self.lateReplies += 1
             return
         if len(reply.body) > self._limits.maxMessageBytes:
             self._finish(entry, RelaybusError(
