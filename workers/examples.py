@@ -29,8 +29,16 @@ def _defaultClock() -> IReactorTime:
     return reactor
 
 
-def _intField(payload: Any, name: str, default: int, low: int, high: int) -> int:
-    value = payload.get(name, default) if isinstance(payload, dict) else default
+def _payloadObject(request: HandlerRequest) -> dict[str, Any]:
+    """The payload as an object; a missing payload means all defaults."""
+    payload = {} if request.payload is None else request.payload
+    if not isinstance(payload, dict):
+        raise RelaybusError(ErrorCode.BAD_REQUEST, "payload must be an object")
+    return payload
+
+
+def _intField(payload: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+    value = payload.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise RelaybusError(ErrorCode.BAD_REQUEST, f"{name} must be an integer in {low}..{high}")
     return value
@@ -47,9 +55,7 @@ class TestRequestHandler:
         self._clock = clock
 
     async def handle(self, request: HandlerRequest, stream: IRequestStream) -> dict[str, int]:
-        payload = request.payload if request.payload is not None else {}
-        if not isinstance(payload, dict):
-            raise RelaybusError(ErrorCode.BAD_REQUEST, "payload must be an object")
+        payload = _payloadObject(request)
         count = _intField(payload, "count", 5, 0, MAX_COUNT)
         delayMs = _intField(payload, "delayMs", 100, 0, MAX_DELAY_MS)
         chunkBytes = _intField(payload, "chunkBytes", 16, 0, MAX_CHUNK_BYTES)
@@ -89,7 +95,7 @@ class PrimesHandler:
         self._clock = clock
 
     async def handle(self, request: HandlerRequest, stream: IRequestStream) -> dict[str, int]:
-        payload = request.payload if request.payload is not None else {}
+        payload = _payloadObject(request)
         below = _intField(payload, "below", 1000, 2, MAX_PRIMES_LIMIT)
         batch = _intField(payload, "batch", 100, 1, 10_000)
         clock = self._clock or _defaultClock()

@@ -11,7 +11,8 @@ MiB = 1024 * 1024
 
 
 def newGatewayId() -> str:
-    return f"gw-{socket.gethostname()}-{secrets.token_hex(4)}"
+    host = "".join(c for c in socket.gethostname() if c.isascii() and (c.isalnum() or c in "-."))
+    return f"gw-{host[:40]}-{secrets.token_hex(4)}"
 
 
 @attrs.frozen

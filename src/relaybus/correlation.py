@@ -107,6 +107,7 @@ class CorrelationTable:
         )
         entry.outcome.addCallbacks(self._sendResponse, self._sendError,
                                    callbackArgs=(entry,), errbackArgs=(entry,))
+        entry.outcome.addErrback(self._sendFailed, entry)
         self._pending[entry.correlationId] = entry
         self._byConnection.setdefault(connection.connectionId, {})[frame.requestId] = entry
         entry.timer = self._clock.callLater(timeoutMs / 1000, self._expire, entry)
@@ -218,8 +219,26 @@ class CorrelationTable:
         if seq is not None and seq < entry.nextSeq:
             # An idempotent handler ran again after a redelivery: the client has these already.
             return
-        entry.connection.deliverFrame(chunkFrame(entry.requestId, entry.nextSeq, data))
+        frame = self._encodeOrRefuse(chunkFrame, entry, entry.nextSeq, data)
+        if isinstance(frame, RelaybusError):
+            self._finish(entry, frame)
+            self._notifyWorkers(entry, str(frame.code))
+            return
+        entry.connection.deliverFrame(frame)
         entry.nextSeq += 1
+
+    def _encodeOrRefuse(self, encoder: Any, entry: PendingRequest, *args: Any) -> Any:
+        """A frame for the client, or the error to send instead when it cannot be one."""
+        try:
+            frame = encoder(entry.requestId, *args)
+        except ValueError:
+            return RelaybusError(ErrorCode.HANDLER_ERROR,
+                                 "the worker's reply cannot be sent as JSON")
+        if len(frame) > self._limits.maxMessageBytes:
+            return RelaybusError(ErrorCode.PAYLOAD_TOO_LARGE,
+                                 f"the worker's reply is larger than the client's limit of "
+                                 f"{self._limits.maxMessageBytes} bytes")
+        return frame
 
     def _expire(self, entry: PendingRequest) -> None:
         entry.timer = None
@@ -259,10 +278,17 @@ class CorrelationTable:
         if self._bus.isReady():
             self._bus.publishCancel(CancelNotice(entry.correlationId, entry.requestType, reason))
 
-    @staticmethod
-    def _sendResponse(data: Any, entry: PendingRequest) -> Any:
-        entry.connection.deliverFrame(responseFrame(entry.requestId, data))
+    def _sendResponse(self, data: Any, entry: PendingRequest) -> Any:
+        frame = self._encodeOrRefuse(responseFrame, entry, data)
+        if isinstance(frame, RelaybusError):
+            frame = errorFrame(entry.requestId, frame)
+        entry.connection.deliverFrame(frame)
         return data
+
+    @staticmethod
+    def _sendFailed(failure: Failure, entry: PendingRequest) -> None:
+        log.failure("Sending the terminal frame of {correlationId} failed", failure,
+                    correlationId=entry.correlationId)
 
     @staticmethod
     def _sendError(failure: Failure, entry: PendingRequest) -> None:
@@ -281,7 +307,7 @@ def _workerError(data: Any) -> RelaybusError:
         code, message = data.get("code"), data.get("message")
         if not isinstance(message, str):
             message = "the worker failed"
-        if code in WORKER_ERROR_CODES:
+        if isinstance(code, str) and code in WORKER_ERROR_CODES:
             return RelaybusError(code, message)
         return RelaybusError(ErrorCode.HANDLER_ERROR, message)
     return RelaybusError(ErrorCode.HANDLER_ERROR, "the worker failed")

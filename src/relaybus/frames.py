@@ -7,6 +7,7 @@ one `error` frame (see docs/protocol.md).
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -21,7 +22,9 @@ MAX_LOG_CONTEXT_BYTES = 16384
 LOG_LEVELS = ("debug", "info", "warn", "error")
 
 _REQUEST_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*\Z")
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+# C0, DEL and C1 controls, Unicode line/paragraph separators, and lone surrogates (which
+# cannot be encoded as UTF-8 at all): none may reach a log line or an id.
+_UNSAFE_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 class FrameError(RelaybusError):
@@ -61,10 +64,20 @@ def _rejectConstant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finiteFloat(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is out of range")
+    return number
+
+
 def decodeJSON(data: bytes | str) -> Any:
-    """Strict JSON: no NaN/Infinity, and deep nesting is an error rather than a crash."""
+    """Strict JSON: strict UTF-8, no NaN/Infinity or overflowing numbers (they could not be
+    sent on), and deep nesting is an error rather than a crash."""
+    if isinstance(data, bytes):
+        data = data.decode("utf-8")  # json.loads would let UTF-8-encoded surrogates through
     try:
-        return json.loads(data, parse_constant=_rejectConstant)
+        return json.loads(data, parse_constant=_rejectConstant, parse_float=_finiteFloat)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
 
@@ -82,8 +95,8 @@ def _requestId(frame: dict[str, Any]) -> str:
     if not isinstance(requestId, str) or not 1 <= len(requestId) <= MAX_REQUEST_ID_LENGTH:
         raise FrameError(
             f"requestId must be a string of 1..{MAX_REQUEST_ID_LENGTH} characters")
-    if _CONTROL_CHARACTERS.search(requestId):
-        raise FrameError("requestId must not contain control characters")
+    if _UNSAFE_CHARACTERS.search(requestId):
+        raise FrameError("requestId must not contain control characters or lone surrogates")
     return requestId
 
 
@@ -148,7 +161,12 @@ def parseClientFrame(data: bytes, isBinary: bool) -> ClientFrame:
 
 def escapeControlCharacters(text: str) -> str:
     """Make client text safe for one log line: no forged newlines or terminal escapes."""
-    return _CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return _UNSAFE_CHARACTERS.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 # Gateway -> client frames. Each returns the encoded text frame.

@@ -50,6 +50,16 @@ class GatewayProtocol(WebSocketServerProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         try:
+            self._frameReceived(payload, isBinary)
+        except Exception:
+            # A bug of ours must cost this frame only, never the connection or its requests.
+            log.failure("Handling a frame from {connectionId} failed",
+                        connectionId=self.connectionId)
+            self.deliverFrame(errorFrame(None, FrameError("the gateway could not handle "
+                                                          "this frame")))
+
+    def _frameReceived(self, payload: bytes, isBinary: bool) -> None:
+        try:
             frame = parseClientFrame(payload, isBinary)
         except FrameError as e:
             self.deliverFrame(errorFrame(e.requestId, e))
@@ -97,6 +107,9 @@ class GatewayFactory(WebSocketServerFactory):
             closeHandshakeTimeout=5,
             allowedOrigins=["*"],
             allowNullOrigin=True,
+            # Send a close frame with the reason (1009 too big, 1007 bad UTF-8) rather than
+            # dropping TCP, so clients can tell what happened.
+            failByDrop=False,
         )
 
     def closeAll(self, timeoutS: float = 5.0) -> Deferred[Any]:

@@ -17,6 +17,7 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -28,6 +29,8 @@ from relaybus.interfaces import (
     IWorkerBus,
 )
 from relaybus.messages import CancelNotice, Delivery, ReplyMessage, RequestMessage
+
+log = Logger(namespace="relaybus.memory")
 
 
 @attrs.define(eq=False)
@@ -64,7 +67,10 @@ class MemoryBus(Service):
     def _runCalls(self) -> None:
         self._scheduled = False
         for _ in range(len(self._calls)):
-            self._calls.popleft()()
+            try:
+                self._calls.popleft()()
+            except Exception:
+                log.failure("A receiver of the embedded bus failed")
 
     # IRequestBus
 

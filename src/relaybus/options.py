@@ -13,6 +13,7 @@ from relaybus.amqp import validateBrokerURL
 from relaybus.config import GatewayConfig, Limits, WorkerConfig, newGatewayId
 from relaybus.worker import registerHandlers
 
+MAX_NAME_LENGTH = 64
 _LIMITS = Limits()
 _GATEWAY = GatewayConfig(gatewayId="defaults")
 
@@ -53,6 +54,14 @@ def _checkHandlers(handlers: list[str]) -> tuple[str, ...]:
     return tuple(handlers)
 
 
+def _checkName(option: str, value: str) -> None:
+    """Ids and prefixes end up in AMQP queue names (at most 255 bytes, with a requestType)."""
+    if len(value) > MAX_NAME_LENGTH or not all(c.isascii() and (c.isalnum() or c in "-_.")
+                                              for c in value):
+        raise usage.UsageError(f"{option} must be at most {MAX_NAME_LENGTH} characters of "
+                               "letters, digits, '-', '_' and '.'")
+
+
 class _EnvironmentOptions(usage.Options):
     @classmethod
     def fromEnvironment(cls, environ: Mapping[str, str] | None = None) -> Any:
@@ -63,7 +72,8 @@ class _EnvironmentOptions(usage.Options):
         environ = os.environ if environ is None else environ
         argv: list[str] = []
         options = cls()
-        for name in [p[0] for p in getattr(options, "optParameters", [])]:
+        names = [p[0] for p in getattr(options, "optParameters", [])]
+        for name in [*names, *getattr(cls, "repeatable", ())]:
             value = environ.get("RELAYBUS_" + name.upper().replace("-", "_"))
             if value is None:
                 continue
@@ -129,9 +139,8 @@ class GatewayOptions(_EnvironmentOptions):
             autoPingTimeoutS=self["auto-ping-timeout"],
             openHandshakeTimeoutS=self["open-handshake-timeout"],
             drainTimeoutS=self["drain-timeout"], workerConcurrency=self["worker-concurrency"])
-        if self.config.gatewayId and not all(c.isalnum() or c in "-_." for c in
-                                             self.config.gatewayId):
-            raise usage.UsageError("--gateway-id may use letters, digits, '-', '_' and '.'")
+        _checkName("--gateway-id", self.config.gatewayId)
+        _checkName("--amqp-prefix", self.config.amqpPrefix)
         _checkHandlers(list(self.config.inProcessHandlers))
 
 
@@ -165,3 +174,4 @@ class WorkerOptions(_EnvironmentOptions):
             broker=self["broker"], handlers=_checkHandlers(self["handlers"]),
             concurrency=self["concurrency"], amqpPrefix=self["amqp-prefix"],
             drainTimeoutS=self["drain-timeout"])
+        _checkName("--amqp-prefix", self.config.amqpPrefix)

@@ -1,0 +1,544 @@
+"""The AMQP buses against a fake pika channel: returns, confirms, properties, deliveries.
+
+No broker: a small fake channel is put where the bus keeps pika's TwistedChannel. The names and
+properties checked here are the wire contract of docs/protocol.md ("The AMQP contract").
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import attrs
+import pika
+import pytest
+from pika.adapters.twisted_connection import ClosableDeferredQueue
+from pika.exceptions import ChannelClosedByBroker, NackError, UnroutableError
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from unitsupport import assertNoResult, errorCode, failureResultOf, successResultOf
+
+from relaybus.amqp import (
+    AmqpRequestBus,
+    AmqpWorkerBus,
+    Topology,
+    consumeForever,
+    validateBrokerURL,
+)
+from relaybus.errors import RelaybusError
+from relaybus.messages import CancelNotice, ReplyKind, ReplyMessage, RequestMessage
+from relaybus.testing import FakeReplyReceiver, FakeRequestReceiver
+
+URL = "amqp://guest:guest@127.0.0.1:5672/"
+START = 1_764_000_000.0
+
+
+@attrs.define
+class Published:
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: pika.BasicProperties
+    mandatory: bool
+    result: Deferred[Any]
+
+
+class FakeChannel:
+    """The parts of pika's TwistedChannel the buses use; publishes wait for the test."""
+
+    def __init__(self) -> None:
+        self.is_open = True
+        self.published: list[Published] = []
+        self.acks: list[int] = []
+        self.nacks: list[tuple[int, bool]] = []
+        self.cancelledConsumers: list[str] = []
+
+    def basic_publish(self, exchange: str, routing_key: str, body: bytes,
+                      properties: pika.BasicProperties | None = None,
+                      mandatory: bool = False) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        assert properties is not None
+        self.published.append(Published(exchange, routing_key, body, properties, mandatory, d))
+        return d
+
+    def basic_ack(self, delivery_tag: int = 0, multiple: bool = False) -> None:
+        self.acks.append(delivery_tag)
+
+    def basic_nack(self, delivery_tag: int = 0, multiple: bool = False,
+                   requeue: bool = True) -> None:
+        self.nacks.append((delivery_tag, requeue))
+
+    def basic_cancel(self, consumer_tag: str) -> Deferred[Any]:
+        self.cancelledConsumers.append(consumer_tag)
+        return Deferred()
+
+
+def returned(correlationId: str) -> Any:
+    """What pika hands an on-return callback (a ReceivedMessage): only .properties matters."""
+    return SimpleNamespace(channel=None, method=SimpleNamespace(reply_code=312),
+                           properties=pika.BasicProperties(correlation_id=correlationId),
+                           body=b"")
+
+
+def amqpMessage(correlationId: str | None = "c-1", replyTo: str | None = "gw-1",
+                headers: dict[str, Any] | None = None, body: bytes = b'{"a":1}',
+                routingKey: str = "echo", deliveryTag: int = 7, redelivered: bool = False,
+                kind: str | None = None) -> Any:
+    return SimpleNamespace(
+        properties=pika.BasicProperties(correlation_id=correlationId, reply_to=replyTo,
+                                        headers=headers, type=kind),
+        method=SimpleNamespace(delivery_tag=deliveryTag, routing_key=routingKey,
+                               redelivered=redelivered),
+        body=body)
+
+
+# Topology
+
+
+def test_topology_without_a_prefix() -> None:
+    topology = Topology()
+    assert (topology.requestsExchange, topology.responsesExchange, topology.cancelsExchange) == (
+        "requests", "responses", "cancels")
+    assert topology.requestQueue("testRequest") == "requests.testRequest"
+    assert topology.replyQueue("gw-1") == "replies.gw-1"
+
+
+def test_topology_with_a_prefix() -> None:
+    topology = Topology("ci42.")
+    assert (topology.requestsExchange, topology.responsesExchange, topology.cancelsExchange) == (
+        "ci42.requests", "ci42.responses", "ci42.cancels")
+    assert topology.requestQueue("echo") == "ci42.requests.echo"
+    assert topology.replyQueue("gw-1") == "ci42.replies.gw-1"
+
+
+def test_topology_declares_three_durable_direct_exchanges() -> None:
+    declared: list[dict[str, Any]] = []
+
+    class Channel:
+        def exchange_declare(self, **kwargs: Any) -> Deferred[None]:
+            declared.append(kwargs)
+            d: Deferred[None] = Deferred()
+            d.callback(None)
+            return d
+
+    successResultOf(Topology("p.").declareExchanges(Channel()))
+    assert declared == [
+        {"exchange": name, "exchange_type": "direct", "durable": True}
+        for name in ("p.requests", "p.responses", "p.cancels")]
+
+
+@pytest.mark.parametrize("url", ["amqp://rabbit", "amqps://u:p@rabbit:5671/vh",
+                                 "amqp://127.0.0.1:5672/%2F"])
+def test_valid_broker_urls(url: str) -> None:
+    validateBrokerURL(url)
+
+
+@pytest.mark.parametrize("url", ["memory", "", "amqp://", "http://rabbit", "rabbit:5672",
+                                 "amqp:///vhost"])
+def test_invalid_broker_urls(url: str) -> None:
+    with pytest.raises(ValueError):
+        validateBrokerURL(url)
+
+
+# The gateway's bus: publishing requests
+
+
+class Gateway:
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.bus = AmqpRequestBus(URL, self.clock, Topology("t."), "gw-1")
+        self.receiver = FakeReplyReceiver()
+        self.bus.listen(self.receiver)
+        self.channel = FakeChannel()
+        self.bus._channel = self.channel
+
+    def publish(self, correlationId: str = "c-1", requestType: str = "echo",
+                timeoutS: float = 2.5) -> tuple[Deferred[None], Published]:
+        message = RequestMessage(correlationId=correlationId, requestType=requestType,
+                                 replyTo="gw-1", body=b'{"count":3}',
+                                 deadline=self.clock.seconds() + timeoutS, gatewayId="gw-1")
+        d = self.bus.publishRequest(message)
+        return d, self.channel.published[-1]
+
+
+@pytest.fixture
+def gw() -> Gateway:
+    return Gateway()
+
+
+def test_published_request_follows_the_contract(gw: Gateway) -> None:
+    d, published = gw.publish("c-1", "testRequest", timeoutS=2.5)
+    assert published.exchange == "t.requests"
+    assert published.routing_key == "testRequest"
+    assert published.body == b'{"count":3}'
+    assert published.mandatory is True
+    properties = published.properties
+    assert properties.content_type == "application/json"
+    assert properties.delivery_mode == 1
+    assert properties.correlation_id == "c-1"
+    assert properties.reply_to == "gw-1"
+    assert properties.expiration == "2500"
+    assert properties.type == "request"
+    assert properties.timestamp == int(START)
+    assert properties.headers == {
+        "relaybus-request-type": "testRequest",
+        "relaybus-deadline-ms": int((START + 2.5) * 1000),
+        "relaybus-gateway-id": "gw-1",
+        "relaybus-principal": None,
+    }
+    assertNoResult(d)  # waits for the publisher confirm
+    published.result.callback(None)
+    assert successResultOf(d) is None
+
+
+@pytest.mark.parametrize(("timeoutS", "expiration"), [(0.0004, "1"), (0, "1"), (-5, "1"),
+                                                      (300, "300000"), (1.2345, "1234")])
+def test_expiration_is_remaining_milliseconds_at_least_one(gw: Gateway, timeoutS: float,
+                                                           expiration: str) -> None:
+    _, published = gw.publish(timeoutS=timeoutS)
+    assert published.properties.expiration == expiration
+
+
+def test_published_properties_survive_pika_encoding(gw: Gateway) -> None:
+    _, published = gw.publish()
+    encoded = pika.BasicProperties()
+    encoded.decode(b"".join(published.properties.encode()))
+    assert encoded.headers["relaybus-deadline-ms"] == int((START + 2.5) * 1000)
+    assert encoded.expiration == "2500"
+
+
+def test_returned_message_is_no_handler_even_if_pika_says_success(gw: Gateway) -> None:
+    d, published = gw.publish("c-1", "nobodyServesThis")
+    gw.bus._messageReturned(returned("c-1"))
+    published.result.callback(None)
+    error = failureResultOf(d, RelaybusError).value
+    assert error.code == "no_handler"
+    assert "nobodyServesThis" in error.message
+    assert gw.bus._returned == set()  # nothing kept once settled
+
+
+def test_returned_message_with_pika_unroutable_error_is_no_handler(gw: Gateway) -> None:
+    d, published = gw.publish("c-1")
+    gw.bus._messageReturned(returned("c-1"))
+    published.result.errback(UnroutableError([]))
+    assert errorCode(d) == "no_handler"
+
+
+def test_unroutable_error_blamed_on_a_message_that_was_not_returned_is_success(
+        gw: Gateway) -> None:
+    """The adapter bug of the field notes: pika attributes a basic.return to the wrong publish."""
+    routed, routedPublish = gw.publish("c-routed", "echo")
+    unroutable, unroutablePublish = gw.publish("c-returned", "nobody")
+    gw.bus._messageReturned(returned("c-returned"))
+    routedPublish.result.errback(UnroutableError([]))  # wrong Deferred blamed
+    unroutablePublish.result.callback(None)
+    assert successResultOf(routed) is None
+    assert errorCode(unroutable) == "no_handler"
+
+
+def test_nack_is_overloaded(gw: Gateway) -> None:
+    d, published = gw.publish()
+    published.result.errback(NackError([]))
+    assert errorCode(d) == "overloaded"
+
+
+@pytest.mark.parametrize("error", [ConnectionDone("gone"), ChannelClosedByBroker(406, "nope"),
+                                   RuntimeError("weird")],
+                         ids=["connection-done", "channel-closed", "runtime-error"])
+def test_other_publish_failures_are_unavailable(gw: Gateway, error: Exception) -> None:
+    d, published = gw.publish()
+    published.result.errback(Failure(error))
+    assert errorCode(d) == "unavailable"
+
+
+def test_relaybus_error_from_the_channel_keeps_its_code(gw: Gateway) -> None:
+    d, published = gw.publish()
+    published.result.errback(RelaybusError("overloaded", "slow down"))
+    assert errorCode(d) == "overloaded"
+
+
+def test_return_for_an_unknown_or_empty_correlation_id_is_ignored(gw: Gateway) -> None:
+    gw.bus._messageReturned(returned(""))
+    gw.bus._messageReturned(SimpleNamespace(properties=pika.BasicProperties()))
+    assert gw.bus._returned == set()
+    d, published = gw.publish("c-1")
+    published.result.callback(None)
+    assert successResultOf(d) is None
+
+
+@pytest.mark.parametrize("state", ["no-channel", "closed-channel"])
+def test_not_connected_is_unavailable_at_once(gw: Gateway, state: str) -> None:
+    if state == "no-channel":
+        gw.bus._channel = None
+    else:
+        gw.channel.is_open = False
+    assert not gw.bus.isReady()
+    message = RequestMessage("c-1", "echo", "gw-1", b"null", START + 1)
+    assert errorCode(gw.bus.publishRequest(message)) == "unavailable"
+    assert gw.channel.published == []
+    gw.bus.publishCancel(CancelNotice("c-1", "echo", "timeout"))
+    assert gw.channel.published == []
+
+
+def test_ready_with_an_open_channel(gw: Gateway) -> None:
+    assert gw.bus.isReady()
+    assert gw.bus.replyTo == "gw-1"
+
+
+def test_publish_cancel(gw: Gateway) -> None:
+    gw.bus.publishCancel(CancelNotice("c-1", "testRequest", "disconnected"))
+    [published] = gw.channel.published
+    assert (published.exchange, published.routing_key, published.body) == (
+        "t.cancels", "testRequest", b"")
+    assert published.mandatory is False
+    assert published.properties.type == "cancel"
+    assert published.properties.correlation_id == "c-1"
+    assert published.properties.headers == {"relaybus-cancel-reason": "disconnected"}
+    published.result.errback(ConnectionDone())  # best effort: swallowed, nothing unhandled
+    assert published.result.called
+
+
+@pytest.mark.parametrize("kind", ["chunk", "response", "error"])
+def test_reply_arrived_goes_to_the_receiver(gw: Gateway, kind: str) -> None:
+    headers = {"relaybus-seq": 3} if kind == "chunk" else None
+    gw.bus._replyArrived(amqpMessage("c-1", None, headers, b'"data"', kind=kind))
+    assert gw.receiver.replies == [ReplyMessage(
+        "c-1", "gw-1", ReplyKind(kind), b'"data"', 3 if kind == "chunk" else None)]
+
+
+@pytest.mark.parametrize(("kind", "correlationId"), [("request", "c-1"), (None, "c-1"),
+                                                     ("chunk", None), ("response", "")])
+def test_unusable_replies_are_dropped(gw: Gateway, kind: str | None,
+                                      correlationId: str | None) -> None:
+    gw.bus._replyArrived(amqpMessage(correlationId, kind=kind))
+    assert gw.receiver.replies == []
+
+
+@pytest.mark.parametrize("seq", ["3", 1.5, None])
+def test_reply_seq_that_is_not_an_integer_is_none(gw: Gateway, seq: Any) -> None:
+    gw.bus._replyArrived(amqpMessage("c-1", headers={"relaybus-seq": seq}, kind="chunk"))
+    assert gw.receiver.replies[0].seq is None
+
+
+def test_losing_the_connection_interrupts_the_receiver(gw: Gateway) -> None:
+    reason = Failure(ConnectionDone("gone"))
+    gw.bus._lost(reason)
+    assert gw.receiver.interruptions == [reason]
+    assert not gw.bus.isReady()
+
+
+# The worker's bus
+
+
+class Worker:
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.bus = AmqpWorkerBus(URL, self.clock, Topology("t."))
+        self.receiver = FakeRequestReceiver()
+        self.bus.serve(["echo", "testRequest"], self.receiver, 5)
+        self.consuming = FakeChannel()
+        self.publishing = FakeChannel()
+        self.bus._consuming = self.consuming
+        self.bus._publishing = self.publishing
+
+    def arrive(self, message: Any) -> None:
+        self.bus._requestArrived(self.consuming, message)
+
+
+@pytest.fixture
+def wk() -> Worker:
+    return Worker()
+
+
+def test_serve_once_and_only_before_start() -> None:
+    bus = AmqpWorkerBus(URL, Clock(), Topology())
+    with pytest.raises(RuntimeError):
+        bus.startService()
+    bus.serve(["echo"], FakeRequestReceiver(), 3)
+    with pytest.raises(RuntimeError):
+        bus.serve(["echo"], FakeRequestReceiver(), 3)
+
+
+def test_request_arrived_becomes_a_delivery(wk: Worker) -> None:
+    wk.arrive(amqpMessage(
+        "c-1", "gw-1", {"relaybus-request-type": "echo", "relaybus-deadline-ms": 1_764_000_002_500,
+                        "relaybus-gateway-id": "gw-1", "relaybus-principal": "alice"},
+        body=b'{"a":1}', routingKey="echo", deliveryTag=7, redelivered=True))
+    [delivery] = wk.receiver.deliveries
+    assert delivery.message == RequestMessage(
+        correlationId="c-1", requestType="echo", replyTo="gw-1", body=b'{"a":1}',
+        deadline=1_764_000_002.5, gatewayId="gw-1", principal="alice")
+    assert delivery.redelivered is True
+
+
+def test_request_arrived_with_minimal_properties(wk: Worker) -> None:
+    wk.arrive(amqpMessage("c-1", "gw-1", None, routingKey="testRequest"))
+    [delivery] = wk.receiver.deliveries
+    message = delivery.message
+    assert message.requestType == "testRequest"  # from the routing key
+    assert message.deadline == float("inf")
+    assert (message.gatewayId, message.principal) == ("", None)
+    assert delivery.redelivered is False
+
+
+@pytest.mark.parametrize("deadline", ["1764000002500", 1.5e12, None])
+def test_deadline_header_that_is_not_an_integer_means_no_deadline(wk: Worker,
+                                                                  deadline: Any) -> None:
+    wk.arrive(amqpMessage(headers={"relaybus-deadline-ms": deadline,
+                                   "relaybus-principal": 5}))
+    message = wk.receiver.deliveries[0].message
+    assert message.deadline == float("inf")
+    assert message.principal is None
+
+
+@pytest.mark.parametrize(("correlationId", "replyTo"), [(None, "gw-1"), ("c-1", None),
+                                                        ("", "gw-1"), ("c-1", "")])
+def test_request_without_correlation_id_or_reply_to_is_acked_and_dropped(
+        wk: Worker, correlationId: str | None, replyTo: str | None) -> None:
+    wk.arrive(amqpMessage(correlationId, replyTo, deliveryTag=9))
+    assert wk.receiver.deliveries == []
+    assert wk.consuming.acks == [9]
+
+
+def test_settle_acks_or_requeues_on_the_channel(wk: Worker) -> None:
+    wk.arrive(amqpMessage("c-1", deliveryTag=1))
+    wk.arrive(amqpMessage("c-2", deliveryTag=2))
+    first, second = wk.receiver.deliveries
+    first.ack()
+    second.requeue()
+    assert wk.consuming.acks == [1]
+    assert wk.consuming.nacks == [(2, True)]
+    assert wk.publishing.acks == [] and wk.publishing.nacks == []
+
+
+def test_settle_on_a_closed_channel_does_nothing(wk: Worker) -> None:
+    wk.arrive(amqpMessage("c-1", deliveryTag=1))
+    wk.consuming.is_open = False
+    wk.receiver.deliveries[0].ack()
+    wk.receiver.deliveries[0].requeue()
+    assert wk.consuming.acks == [] and wk.consuming.nacks == []
+
+
+def test_settle_after_a_reconnect_does_nothing(wk: Worker) -> None:
+    """Delivery tags belong to their channel: never ack an old tag on the new channel."""
+    wk.arrive(amqpMessage("c-1", deliveryTag=1))
+    old = wk.consuming
+    wk.bus._lost(Failure(ConnectionDone()))
+    assert wk.receiver.interruptions and not wk.bus.isReady()
+    new = FakeChannel()
+    wk.bus._consuming = new
+    wk.receiver.deliveries[0].ack()
+    assert old.acks == [] and new.acks == []
+
+
+def test_cancel_arrived(wk: Worker) -> None:
+    wk.bus._cancelArrived(amqpMessage("c-1", None, {"relaybus-cancel-reason": "timeout"},
+                                      routingKey="echo"))
+    wk.bus._cancelArrived(amqpMessage("c-2", None, None, routingKey="testRequest"))
+    wk.bus._cancelArrived(amqpMessage(None, None, None))  # unusable: dropped
+    assert wk.receiver.cancels == [CancelNotice("c-1", "echo", "timeout"),
+                                   CancelNotice("c-2", "testRequest", "cancelled")]
+
+
+@pytest.mark.parametrize(("kind", "seq"), [(ReplyKind.CHUNK, 0), (ReplyKind.CHUNK, 4),
+                                           (ReplyKind.RESPONSE, None), (ReplyKind.ERROR, None)])
+def test_publish_reply_follows_the_contract(wk: Worker, kind: ReplyKind,
+                                            seq: int | None) -> None:
+    d = wk.bus.publishReply(ReplyMessage("c-1", "gw-7", kind, b'"x"', seq))
+    [published] = wk.publishing.published
+    assert (published.exchange, published.routing_key, published.body) == (
+        "t.responses", "gw-7", b'"x"')
+    properties = published.properties
+    assert properties.correlation_id == "c-1"
+    assert properties.type == str(kind)
+    assert properties.content_type == "application/json"
+    assert properties.delivery_mode == 1
+    assert properties.headers == ({"relaybus-seq": seq} if seq is not None else None)
+    assertNoResult(d)
+    published.result.callback("pika's result")
+    assert successResultOf(d) is None
+
+
+def test_publish_reply_failure_is_unavailable(wk: Worker) -> None:
+    d = wk.bus.publishReply(ReplyMessage("c-1", "gw-7", ReplyKind.RESPONSE, b"1"))
+    wk.publishing.published[0].result.errback(NackError([]))
+    assert errorCode(d) == "unavailable"
+
+
+def test_publish_reply_when_not_connected_is_unavailable(wk: Worker) -> None:
+    wk.publishing.is_open = False
+    assert not wk.bus.isReady()
+    assert errorCode(wk.bus.publishReply(
+        ReplyMessage("c-1", "gw-7", ReplyKind.RESPONSE, b"1"))) == "unavailable"
+    wk.bus._publishing = None
+    assert errorCode(wk.bus.publishReply(
+        ReplyMessage("c-1", "gw-7", ReplyKind.RESPONSE, b"1"))) == "unavailable"
+
+
+def test_stop_serving_cancels_the_consumers(wk: Worker) -> None:
+    wk.bus._consumerTags = ["ctag-1", "ctag-2"]
+    wk.bus.stopServing(wk.receiver)
+    assert wk.consuming.cancelledConsumers == ["ctag-1", "ctag-2"]
+    wk.bus.stopServing(wk.receiver)  # nothing left to cancel
+    assert wk.consuming.cancelledConsumers == ["ctag-1", "ctag-2"]
+
+
+# consumeForever
+
+
+def test_consume_forever_drains_a_backlog_without_recursion() -> None:
+    queue: DeferredQueue[int] = DeferredQueue()
+    for i in range(5000):
+        queue.put(i)
+    handled: list[int] = []
+    consumeForever(queue, handled.append)
+    assert handled == list(range(5000))
+    queue.put(5000)  # and keeps waiting for more
+    queue.put(5001)
+    assert handled[-2:] == [5000, 5001]
+
+
+def test_consume_forever_stops_when_the_queue_is_closed() -> None:
+    gets: list[int] = []
+
+    class CountingQueue(ClosableDeferredQueue):
+        def get(self) -> Deferred[Any]:
+            gets.append(1)
+            return super().get()
+
+    queue = CountingQueue()
+    handled: list[str] = []
+    queue.put("a")
+    consumeForever(queue, handled.append)
+    assert handled == ["a"] and len(gets) == 2  # the second get is waiting
+    queue.close(ChannelClosedByBroker(320, "closed"))
+    queue.put("b")  # refused by the closed queue
+    assert handled == ["a"]
+    assert len(gets) == 2  # no further get after the close
+
+
+def test_consume_forever_stops_on_a_queue_closed_before_it_starts() -> None:
+    queue = ClosableDeferredQueue()
+    queue.close(ConnectionDone())
+    handled: list[Any] = []
+    consumeForever(queue, handled.append)
+    assert handled == []
+
+
+def test_consume_forever_survives_a_failing_handler() -> None:
+    queue: DeferredQueue[int] = DeferredQueue()
+    handled: list[int] = []
+
+    def handle(item: int) -> None:
+        handled.append(item)
+        if item == 1:
+            raise ValueError("bad message")
+
+    for i in range(3):
+        queue.put(i)
+    consumeForever(queue, handle)
+    queue.put(3)
+    assert handled == [0, 1, 2, 3]

@@ -1,0 +1,366 @@
+"""The WebSocket edge over a StringTransport: handshake, hello, frames in and out.
+
+A real GatewayFactory and protocol, a CorrelationTable over a MemoryBus with the echo handler in
+a WorkerRuntime, all on one Clock (also txaio's loop, which Autobahn's timers use).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import txaio
+from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from workers.examples import EchoHandler
+
+from relaybus.config import GatewayConfig, Limits
+from relaybus.correlation import CorrelationTable
+from relaybus.gateway import GatewayFactory, GatewayProtocol
+from relaybus.memory import MemoryBus
+from relaybus.worker import WorkerRuntime
+
+WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+LIMITS = Limits(maxMessageBytes=4096, maxInFlight=5, defaultTimeoutMs=2000, maxTimeoutMs=10_000)
+
+OPCODE_TEXT, OPCODE_BINARY, OPCODE_CLOSE = 0x1, 0x2, 0x8
+
+
+@pytest.fixture
+def clock() -> Iterator[Clock]:
+    clock = Clock()
+    clock.advance(1_764_000_000)
+    txaio.use_twisted()
+    previous = txaio.config.loop
+    txaio.config.loop = clock
+    try:
+        yield clock
+    finally:
+        txaio.config.loop = previous
+
+
+def clientFrame(payload: bytes, opcode: int = OPCODE_TEXT) -> bytes:
+    """One final, masked client-to-server frame."""
+    mask = os.urandom(4)
+    header = bytes([0x80 | opcode])
+    length = len(payload)
+    if length < 126:
+        header += bytes([0x80 | length])
+    elif length < 65536:
+        header += bytes([0x80 | 126]) + struct.pack("!H", length)
+    else:
+        header += bytes([0x80 | 127]) + struct.pack("!Q", length)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return header + mask + masked
+
+
+def serverFrames(data: bytes) -> list[tuple[int, bytes]]:
+    """Split what the server wrote (unmasked frames) into (opcode, payload)."""
+    frames = []
+    while data:
+        opcode = data[0] & 0x0F
+        assert data[1] & 0x80 == 0, "server frames are never masked"
+        length, offset = data[1] & 0x7F, 2
+        if length == 126:
+            (length,), offset = struct.unpack("!H", data[2:4]), 4
+        elif length == 127:
+            (length,), offset = struct.unpack("!Q", data[2:10]), 10
+        frames.append((opcode, data[offset:offset + length]))
+        data = data[offset + length:]
+    return frames
+
+
+class TCPLikeTransport(StringTransport):
+    """A StringTransport that, like a real TCP transport, allows unregisterProducer without one
+    registered (Autobahn does that when it drops a connection)."""
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+        self.streaming = None
+
+
+class Client:
+    """One WebSocket client talking to a GatewayProtocol through a StringTransport."""
+
+    def __init__(self, factory: GatewayFactory) -> None:
+        self.protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50_000))
+        assert isinstance(self.protocol, GatewayProtocol)
+        self.transport = TCPLikeTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 50_000))
+        self.protocol.makeConnection(self.transport)
+        self.read = 0
+
+    def handshake(self) -> bytes:
+        key = base64.b64encode(os.urandom(16))
+        self.protocol.dataReceived(
+            b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key + b"\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n")
+        written = self.transport.value()
+        head, _, _rest = written.partition(b"\r\n\r\n")
+        self.read = len(head) + 4
+        return head + b"\r\n\r\n" + base64.b64encode(
+            hashlib.sha1(key + WEBSOCKET_GUID).digest())
+
+    def send(self, payload: bytes | str, opcode: int = OPCODE_TEXT) -> None:
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        self.protocol.dataReceived(clientFrame(payload, opcode))
+
+    def sendJSON(self, value: Any) -> None:
+        self.send(json.dumps(value))
+
+    def frames(self) -> list[tuple[int, bytes]]:
+        """Frames written since the last call."""
+        data = self.transport.value()[self.read:]
+        self.read = len(self.transport.value())
+        return serverFrames(data)
+
+    def messages(self) -> list[Any]:
+        frames = self.frames()
+        assert all(opcode == OPCODE_TEXT for opcode, _ in frames), frames
+        return [json.loads(payload) for _, payload in frames]
+
+    @property
+    def isOpen(self) -> bool:
+        return (self.protocol.state == WebSocketProtocol.STATE_OPEN
+                and not self.transport.disconnecting)
+
+
+class Gateway:
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.config = GatewayConfig(gatewayId="gw-test", limits=LIMITS)
+        self.bus = MemoryBus(clock)
+        self.bus.startService()
+        self.runtime = WorkerRuntime(self.bus, {"echo": EchoHandler()}, clock)
+        self.runtime.startService()
+        self.table = CorrelationTable(self.bus, clock, LIMITS, "gw-test")
+        self.factory = GatewayFactory(self.config, self.table)
+
+    def connect(self) -> Client:
+        client = Client(self.factory)
+        response = client.handshake()
+        head, _, accept = response.rpartition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert b"Sec-WebSocket-Accept: " + accept in head
+        return client
+
+    def settle(self) -> None:
+        for _ in range(10):
+            self.clock.advance(0)
+
+
+@pytest.fixture
+def gw(clock: Clock) -> Gateway:
+    return Gateway(clock)
+
+
+def test_hello_frame_first_on_open(gw: Gateway) -> None:
+    client = gw.connect()
+    [hello] = client.messages()
+    assert hello["type"] == "hello" and hello["protocol"] == 1
+    assert hello["limits"] == {"maxMessageBytes": 4096, "maxInFlight": 5,
+                               "defaultTimeoutMs": 2000, "maxTimeoutMs": 10_000}
+    assert hello["connectionId"] == client.protocol.connectionId != ""
+    assert client.protocol in gw.factory.connections
+    assert client.isOpen
+
+
+def test_each_connection_gets_its_own_id(gw: Gateway) -> None:
+    ids = {gw.connect().messages()[0]["connectionId"] for _ in range(5)}
+    assert len(ids) == 5
+
+
+def test_request_round_trip_through_the_memory_bus(gw: Gateway) -> None:
+    client = gw.connect()
+    client.messages()
+    client.sendJSON({"type": "request", "requestId": "r-1", "requestType": "echo",
+                     "payload": {"hello": "wörld"}})
+    assert client.messages() == []  # the bus delivers on a later turn
+    gw.settle()
+    assert client.messages() == [{"type": "response", "requestId": "r-1",
+                                  "data": {"hello": "wörld"}}]
+    assert len(gw.table) == 0
+
+
+@pytest.mark.parametrize(("payload", "opcode"), [
+    (b"{not json", OPCODE_TEXT),
+    (b"[1, 2]", OPCODE_TEXT),
+    (b'{"type": "nope"}', OPCODE_TEXT),
+    (b'{"type": "request", "requestId": "r-1", "requestType": "echo"}', OPCODE_BINARY),
+    (b"[" * 2000 + b"]" * 2000, OPCODE_TEXT),
+], ids=["invalid-json", "not-an-object", "unknown-type", "binary", "deeply-nested"])
+def test_malformed_frame_gets_an_error_frame_and_the_connection_stays_open(
+        gw: Gateway, payload: bytes, opcode: int) -> None:
+    client = gw.connect()
+    client.messages()
+    client.send(payload, opcode)
+    [error] = client.messages()
+    assert error["type"] == "error" and error["requestId"] is None
+    assert error["error"]["code"] == "bad_request"
+    assert client.isOpen
+    # and the connection still works
+    client.sendJSON({"type": "request", "requestId": "after", "requestType": "echo",
+                     "payload": 1})
+    gw.settle()
+    assert client.messages() == [{"type": "response", "requestId": "after", "data": 1}]
+
+
+def test_refused_request_carries_its_request_id(gw: Gateway) -> None:
+    client = gw.connect()
+    client.messages()
+    client.sendJSON({"type": "request", "requestId": "r-1", "requestType": "bad type"})
+    client.sendJSON({"type": "request", "requestId": "r-2", "requestType": "nobody"})
+    gw.settle()
+    codes = {m["requestId"]: m["error"]["code"] for m in client.messages()}
+    assert codes == {"r-1": "bad_request", "r-2": "no_handler"}
+    assert client.isOpen
+
+
+def test_cancel_for_an_unknown_request_is_ignored(gw: Gateway) -> None:
+    client = gw.connect()
+    client.messages()
+    client.sendJSON({"type": "cancel", "requestId": "never-sent"})
+    gw.settle()
+    assert client.messages() == []
+    assert client.isOpen
+
+
+def test_client_log_is_logged_escaped_and_answers_nothing(gw: Gateway) -> None:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        client = gw.connect()
+        client.messages()
+        client.sendJSON({"type": "client-log", "level": "warn",
+                         "message": "line\nforged \x1b[31m", "context": {"page": "/"}})
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert client.messages() == []
+    [event] = [e for e in events if e.get("log_namespace") == "relaybus.client"]
+    assert event["message"] == "line\\x0aforged \\x1b[31m"
+    assert event["context"] == {"page": "/"}
+    assert event["connectionId"] == client.protocol.connectionId
+    assert event["log_level"].name == "warn"
+
+
+def test_message_over_the_limit_ends_the_connection(gw: Gateway) -> None:
+    client = gw.connect()
+    client.messages()
+    client.send(b'"' + b"x" * LIMITS.maxMessageBytes + b'"')
+    assert not client.isOpen
+    assert len(gw.table) == 0
+
+
+def test_message_of_exactly_the_limit_is_accepted(gw: Gateway) -> None:
+    client = gw.connect()
+    client.messages()
+    frame = json.dumps({"type": "request", "requestId": "r-1", "requestType": "echo",
+                        "payload": ""}).encode()
+    frame = frame[:-len(b'""}')] + b'"' + b"x" * (LIMITS.maxMessageBytes - len(frame)) + b'"}'
+    assert len(frame) == LIMITS.maxMessageBytes
+    client.send(frame)
+    gw.settle()
+    [response] = client.messages()
+    assert response["type"] == "response"
+    assert client.isOpen
+
+
+
+
+def closeCode(client: Client) -> int | None:
+    closes = [payload for opcode, payload in client.frames() if opcode == OPCODE_CLOSE]
+    return struct.unpack("!H", closes[0][:2])[0] if closes else None
+
+
+def test_message_over_the_limit_closes_with_1009(gw: Gateway) -> None:
+    client = gw.connect()
+    client.messages()
+    client.send(b'"' + b"x" * LIMITS.maxMessageBytes + b'"')
+    assert closeCode(client) == 1009
+
+
+def test_text_frame_that_is_not_utf8_closes_with_1007(gw: Gateway) -> None:
+    client = gw.connect()
+    client.messages()
+    client.send(b'{"type":"cancel","requestId":"\xff"}')
+    assert closeCode(client) == 1007
+
+
+def test_text_frame_that_is_not_utf8_ends_the_connection(gw: Gateway) -> None:
+    client = gw.connect()
+    client.messages()
+    client.send(b'{"type":"cancel","requestId":"\xff"}')
+    assert not client.isOpen
+
+
+def test_connection_lost_cancels_its_requests_and_sends_nothing(gw: Gateway) -> None:
+    client = gw.connect()
+    client.messages()
+    # a request the worker will not get to: nobody consumes "slow"
+    slow: list[Any] = []
+    gw.bus.serve(["slow"], _Recorder(slow), 10)
+    client.sendJSON({"type": "request", "requestId": "r-1", "requestType": "slow"})
+    gw.settle()
+    assert len(gw.table) == 1 and len(slow) == 1
+    written = len(client.transport.value())
+    client.protocol.connectionLost(Failure(ConnectionResetError("peer gone")))
+    gw.settle()
+    assert len(client.transport.value()) == written  # nothing written to the dead socket
+    assert len(gw.table) == 0 and gw.table.connectionCount() == 0
+    assert client.protocol not in gw.factory.connections
+    assert [n.reason for n in _Recorder.cancels(slow)] == ["disconnected"]
+
+
+def test_deliver_frame_after_close_is_dropped(gw: Gateway) -> None:
+    client = gw.connect()
+    client.messages()
+    client.protocol.connectionLost(Failure(ConnectionResetError()))
+    written = len(client.transport.value())
+    client.protocol.deliverFrame(b'{"type":"response"}')
+    assert len(client.transport.value()) == written
+
+
+def test_bad_frame_with_a_lone_surrogate_request_id_costs_one_error_frame(gw: Gateway) -> None:
+    client = gw.connect()
+    client.messages()
+    raised = None
+    try:
+        client.send(b'{"type":"request","requestId":"\\ud800","requestType":"bad type"}')
+    except Exception as e:  # Twisted would log it and drop the connection
+        raised = e
+    assert raised is None, f"dataReceived raised {raised!r}: the connection would be dropped"
+    assert [m["type"] for m in client.messages()] == ["error"]
+    assert client.isOpen
+
+
+class _Recorder:
+    """A request receiver that keeps deliveries and cancel notices in one list."""
+
+    def __init__(self, into: list[Any]) -> None:
+        self.into = into
+
+    def requestReceived(self, delivery: Any) -> None:
+        self.into.append(delivery)
+
+    def cancelReceived(self, notice: Any) -> None:
+        self.into.append(notice)
+
+    def busInterrupted(self, reason: Any) -> None:
+        pass
+
+    @staticmethod
+    def cancels(into: list[Any]) -> list[Any]:
+        from relaybus.messages import CancelNotice
+
+        return [item for item in into if isinstance(item, CancelNotice)]
