@@ -18,7 +18,7 @@ from pika.exceptions import NackError, UnroutableError
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, fail, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, connectionDone
@@ -121,8 +121,33 @@ def consumeForever(queue: Any, handle: Callable[[Any], None]) -> None:
     step()
 
 
+def detached(published: Deferred[Any]) -> Deferred[Any]:
+    """pika's result, in a Deferred of our own: cancelling it (a handler cancelled while it
+    awaits sendChunk) must never cancel pika's Deferred (pika #1282, see the field notes)."""
+    ours: Deferred[Any] = Deferred()
+
+    def relay(result: Any) -> None:
+        if ours.called:  # cancelled already; the late result needs no further handling
+            return
+        if isinstance(result, Failure):
+            ours.errback(result)
+        else:
+            ours.callback(result)
+
+    published.addBoth(relay)
+    return ours
+
+
 class _Connection(TwistedProtocolConnection):
     link: BrokerLink
+
+    def connectionMade(self) -> None:
+        # Twisted connects, so pika's own TCP_NODELAY is skipped: without it Nagle and delayed
+        # ACKs add ~40 ms to a reply followed by its ack.
+        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
+            setNoDelay(True)
+        super().connectionMade()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
@@ -195,11 +220,15 @@ class BrokerLink(Service):
         return self._setup(connection).addCallbacks(ready, failed)
 
     def _connectionLost(self, connection: TwistedProtocolConnection, reason: Failure) -> None:
-        if self.connection is connection:
-            self.connection = None
-            log.warn("AMQP {name}: connection lost: {why}", name=self._name,
-                     why=reason.getErrorMessage())
-            self._lost(reason)
+        if self.connection is not connection:
+            return
+        self.connection = None
+        if not self.running:
+            log.info("AMQP {name}: connection closed", name=self._name)
+            return
+        log.warn("AMQP {name}: connection lost: {why}", name=self._name,
+                 why=reason.getErrorMessage())
+        self._lost(reason)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -222,7 +251,7 @@ def _properties(**kwargs: Any) -> pika.BasicProperties:
 
 
 def _unavailable(failure: Failure) -> Failure:
-    if failure.check(RelaybusError):
+    if failure.check(RelaybusError, CancelledError):
         return failure
     why = failure.getErrorMessage()
     return Failure(RelaybusError(ErrorCode.UNAVAILABLE, f"the broker did not take it: {why}"))
@@ -312,7 +341,7 @@ class AmqpRequestBus(MultiService):
                 return _unavailable(result)  # type: ignore[return-value]
             return None
 
-        return published.addBoth(settled)
+        return detached(published).addBoth(settled)
 
     def _messageReturned(self, message: Any) -> None:
         correlationId = message.properties.correlation_id
@@ -469,4 +498,4 @@ class AmqpWorkerBus(MultiService):
         published = channel.basic_publish(exchange=self._topology.responsesExchange,
                                           routing_key=reply.replyTo, body=reply.body,
                                           properties=properties)
-        return published.addCallbacks(lambda _: None, _unavailable)
+        return detached(published).addCallbacks(lambda _: None, _unavailable)

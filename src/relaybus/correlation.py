@@ -161,6 +161,18 @@ class CorrelationTable:
             # every level, and a burst of disconnects would flood the log).
             self.lateReplies += 1
             return
+        try:
+            self._routeReply(entry, reply)
+        except Exception:
+            # A bug of ours: end the request with an error rather than lose a chunk silently
+            # and let it "succeed" later.
+            log.failure("Routing a reply for {correlationId} failed",
+                        correlationId=entry.correlationId)
+            self._finish(entry, RelaybusError(ErrorCode.UNAVAILABLE,
+                                              "the gateway failed to forward a reply"))
+            self._notifyWorkers(entry, "gateway_error")
+
+    def _routeReply(self, entry: PendingRequest, reply: ReplyMessage) -> None:
         if len(reply.body) > self._limits.maxMessageBytes:
             self._finish(entry, RelaybusError(
                 ErrorCode.PAYLOAD_TOO_LARGE,

@@ -14,9 +14,10 @@ import pika
 import pytest
 from pika.adapters.twisted_connection import ClosableDeferredQueue
 from pika.exceptions import ChannelClosedByBroker, NackError, UnroutableError
-from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.defer import CancelledError, Deferred, DeferredQueue
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from unitsupport import assertNoResult, errorCode, failureResultOf, successResultOf
 
@@ -24,7 +25,9 @@ from relaybus.amqp import (
     AmqpRequestBus,
     AmqpWorkerBus,
     Topology,
+    _Connection,
     consumeForever,
+    detached,
     validateBrokerURL,
 )
 from relaybus.errors import RelaybusError
@@ -542,3 +545,41 @@ def test_consume_forever_survives_a_failing_handler() -> None:
     consumeForever(queue, handle)
     queue.put(3)
     assert handled == [0, 1, 2, 3]
+
+
+# Cancelling our Deferreds never reaches pika's (pika #1282)
+
+
+def test_cancelling_a_detached_deferred_leaves_pikas_alone() -> None:
+    pikas: Deferred[str] = Deferred(lambda _: pytest.fail("pika's Deferred was cancelled"))
+    ours = detached(pikas)
+    ours.cancel()
+    failureResultOf(ours).trap(CancelledError)
+    pikas.callback("ack")  # arrives later: no AlreadyCalledError, nothing unhandled
+    assert successResultOf(pikas) is None
+
+
+def test_detached_relays_success_and_failure() -> None:
+    ok: Deferred[str] = Deferred()
+    bad: Deferred[str] = Deferred()
+    okOurs, badOurs = detached(ok), detached(bad)
+    ok.callback("ack")
+    bad.errback(NackError([]))
+    assert successResultOf(okOurs) == "ack"
+    failureResultOf(badOurs).trap(NackError)
+
+
+def test_cancelled_send_chunk_does_not_cancel_the_publish(wk: Worker) -> None:
+    published = wk.bus.publishReply(ReplyMessage("c-1", "gw-1", ReplyKind.CHUNK, b"1", 0))
+    published.cancel()
+    failureResultOf(published).trap(CancelledError)
+    [sent] = wk.publishing.published
+    sent.result.callback(None)  # the broker's confirm comes later: nothing breaks
+
+
+def test_amqp_connections_disable_nagle() -> None:
+    transport = StringTransport()
+    transport.setTcpNoDelay = lambda enabled: setattr(transport, "noDelay", enabled)
+    connection = _Connection(pika.ConnectionParameters())
+    connection.makeConnection(transport)
+    assert transport.noDelay is True
