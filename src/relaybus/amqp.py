@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 import pika
 from pika.adapters.twisted_connection import TwistedProtocolConnection
-from pika.exceptions import NackError, UnroutableError
+from pika.exceptions import AMQPConnectionError, NackError, UnroutableError
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -183,6 +183,8 @@ class BrokerLink(Service):
         link = self
 
         class _Factory(Factory):
+            noisy = False
+
             def buildProtocol(self, addr: Any) -> _Connection:
                 protocol = _Connection(parameters, custom_reactor=link._reactor)
                 protocol.link = link
@@ -200,8 +202,11 @@ class BrokerLink(Service):
         return float(self._delay(self._attempt))
 
     def _handshakeFailed(self, failure: Failure) -> None:
-        log.warn("AMQP {name}: connection failed: {why}", name=self._name,
-                 why=failure.getErrorMessage() or repr(failure.value))
+        if failure.check(AMQPConnectionError):
+            why = "the broker refused the AMQP handshake (check user, password and vhost)"
+        else:
+            why = failure.getErrorMessage() or repr(failure.value)
+        log.warn("AMQP {name}: connection failed: {why}", name=self._name, why=why)
 
     def _handshaken(self, connection: TwistedProtocolConnection) -> Deferred[Any]:
         def ready(_: Any) -> None:
