@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.util import parse_url
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.ssl import optionsForClientTLS
@@ -68,6 +68,12 @@ class RelaybusClient:
         self.whenClosed: Deferred[tuple[int | None, str | None]] = Deferred()
 
     @property
+    def maxMessageBytes(self) -> int:
+        """The gateway's limit from its hello frame: bigger requests fail here, not there."""
+        limits = (self.hello or {}).get("limits") or {}
+        return int(limits.get("maxMessageBytes") or 0) or 2**31
+
+    @property
     def connected(self) -> bool:
         return self._protocol is not None and self.hello is not None
 
@@ -76,7 +82,7 @@ class RelaybusClient:
              timeout: float | None = None) -> Deferred[Any]:
         """Send one request; the Deferred fires with the final response's data."""
         if not self.connected:
-            raise RelaybusError(DISCONNECTED, "not connected to the gateway")
+            return fail(RelaybusError(DISCONNECTED, "not connected to the gateway"))
         requestId = secrets.token_hex(8)
         result: Deferred[Any] = Deferred(lambda _: self._cancel(requestId))
         call = _Call(result, onChunk)
@@ -84,12 +90,22 @@ class RelaybusClient:
                                  "requestType": requestType, "payload": payload}
         if timeout is not None:
             frame["timeoutMs"] = max(1, int(timeout * 1000))
+        try:
+            encoded = encodeJSON(frame)
+        except ValueError as e:
+            return fail(RelaybusError(ErrorCode.BAD_REQUEST, f"payload: {e}"))
+        if len(encoded) > self.maxMessageBytes:
+            return fail(RelaybusError(ErrorCode.PAYLOAD_TOO_LARGE,
+                                      f"the request is {len(encoded)} bytes; the gateway "
+                                      f"accepts at most {self.maxMessageBytes}"))
+        if timeout is not None:
             call.timer = self._reactor.callLater(timeout + LOCAL_TIMEOUT_GRACE_S, self._end,
                                                  requestId, RelaybusError(
                                                      ErrorCode.TIMEOUT,
                                                      "no answer from the gateway in time"), True)
         self._calls[requestId] = call
-        self._send(frame)
+        assert self._protocol is not None
+        self._protocol.sendMessage(encoded, isBinary=False)
         return result
 
     def log(self, level: str, message: str, context: dict[str, Any] | None = None) -> None:

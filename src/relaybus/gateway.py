@@ -117,7 +117,13 @@ class GatewayFactory(WebSocketServerFactory):
         waits = []
         for connection in list(self.connections):
             waits.append(connection.is_closed)
-            connection.sendClose(CLOSE_GOING_AWAY, "the gateway is shutting down")
+            try:
+                # sendClose() only takes 1000 and 3000-4999; 1001 needs the frame-level call.
+                connection.sendCloseFrame(code=CLOSE_GOING_AWAY, isReply=False,
+                                          reasonUtf8=b"the gateway is shutting down")
+            except Exception:
+                log.failure("Closing {connectionId} failed", connectionId=connection.connectionId)
+                connection.dropConnection(abort=True)
         return DeferredList(waits, consumeErrors=True)
 
 

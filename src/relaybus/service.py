@@ -6,6 +6,7 @@ then let the work in hand finish within the drain timeout, then close connection
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import strports
@@ -80,14 +81,21 @@ class GatewayService(MultiService):
     def stopService(self) -> Any:
         self.running = False
         self.draining = True
-        yield self.listener.stopService()
-        yield self.table.drain(self.config.drainTimeoutS)
-        yield self.factory.closeAll()
+        steps: list[tuple[str, Callable[[], Any]]] = [
+            ("stop listening", self.listener.stopService),
+            ("drain requests", lambda: self.table.drain(self.config.drainTimeoutS)),
+            ("close connections", self.factory.closeAll),
+        ]
         for runtime, workerBus in self.workers:
-            yield runtime.stopService()
+            steps.append(("stop in-process workers", runtime.stopService))
             if workerBus is not None:
-                yield workerBus.stopService()
-        yield self.bus.stopService()
+                steps.append(("close the workers' broker connection", workerBus.stopService))
+        steps.append(("close the broker connection", self.bus.stopService))
+        for what, step in steps:
+            try:  # a failing step must not skip the ones after it
+                yield step()
+            except Exception:
+                log.failure("Shutdown: {what} failed", what=what)
 
 
 class WorkerService(MultiService):

@@ -1,0 +1,138 @@
+"""RabbitMQ only: several gateways and workers on one broker, broker connection loss, requests
+that expire in the queue, and workers that stop or die mid-request."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import secrets
+import signal
+
+import pytest
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.processes]
+
+STOPPED = r"Stopped testRequest [0-9a-f]{32}: "
+
+
+def test_readyz_and_healthz_when_connected(makeStack):
+    stack = makeStack("rabbitmq")
+    assert stack.gateway.httpStatus("/readyz") == 200
+    assert stack.gateway.httpStatus("/healthz") == 200
+
+
+def _clientSession(connect, gateway, clientName):
+    """Pipeline echoes and testRequests with payloads only this client could expect, reusing
+    the same requestIds as every other client, then check each reply."""
+    client = connect(gateway)
+    token = secrets.token_hex(4)
+    echoes = {f"e{i}": {"client": clientName, "token": token, "n": i} for i in range(15)}
+    streams = {f"s{i}": {"count": 2 + i, "delayMs": 10, "chunkBytes": 1 + i % 3}
+               for i in range(4)}
+    for requestId, payload in echoes.items():
+        client.request("echo", payload, requestId)
+    for requestId, payload in streams.items():
+        client.request("testRequest", payload, requestId)
+    for requestId, payload in echoes.items():
+        outcome = client.collect(requestId)
+        assert outcome.data == payload, (clientName, outcome)
+    for requestId, payload in streams.items():
+        outcome = client.collect(requestId)
+        assert outcome.chunkData == [{"index": i, "filler": "x" * payload["chunkBytes"]}
+                                     for i in range(payload["count"])], (clientName, outcome)
+        assert outcome.data["bytes"] == payload["count"] * payload["chunkBytes"]
+    client.assertQuiet(*echoes, *streams)
+    strangers = [f for f in client.received
+                 if f.get("requestId") not in (*echoes, *streams, None)
+                 and not f["requestId"].startswith("barrier-")]
+    assert not strangers, strangers
+    return clientName
+
+
+def test_two_gateways_two_workers_no_crosstalk(makeStack, connect):
+    stack = makeStack("rabbitmq", gateways=2, workers=2)
+    names = [(gateway, f"{gateway.name}-client{i}")
+             for gateway in stack.gateways for i in range(3)]
+    with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+        futures = [pool.submit(_clientSession, connect, gateway, name)
+                   for gateway, name in names]
+        done = [f.result(timeout=60) for f in futures]
+    assert sorted(done) == sorted(name for _, name in names)
+
+
+def test_broker_connections_dropped_mid_request(isolatedBroker, makeStack, connect, waitUntil):
+    stack = makeStack("rabbitmq", broker=isolatedBroker)
+    client = connect(stack)
+    requestId = client.request("testRequest", {"count": 100, "delayMs": 100}, timeoutMs=60_000)
+    client.waitForChunk(requestId)
+    gatewayMark = stack.mark()
+    isolatedBroker.closeAllConnections("relaybus integration test")
+    outcome = client.collect(requestId)
+    assert outcome.code == "unavailable", outcome
+    # The worker stopped the handler whose broker link went away.
+    stack.waitForHandlerLog(STOPPED + "lost the connection to the message broker",
+                            gatewayMark)
+    # Both come back on their own.
+    stack.workers[0].waitUntilReady(count=2)
+    waitUntil(lambda: stack.gateway.httpStatus("/readyz") == 200, "/readyz 200 again")
+
+    def echoWorks():
+        outcome = client.collect(client.request("echo", "back", timeoutMs=2000))
+        return outcome.code is None and outcome.data == "back"
+
+    waitUntil(echoWorks, "an echo to succeed after the reconnect", timeout=15, interval=0.2)
+    again = client.call("testRequest", {"count": 3, "delayMs": 10})
+    assert again.data["chunks"] == 3 and len(again.chunks) == 3
+    # A fresh connection works too.
+    assert connect(stack).call("echo", "fresh").data == "fresh"
+
+
+def test_request_that_expires_in_the_queue_is_never_run(makeStack, connect, waitUntil):
+    stack = makeStack("rabbitmq", workers=0)
+    # A worker declares the request queues, then goes: the queue exists with no consumer.
+    declaring = stack.startWorker()
+    assert declaring.stop() in (0, -signal.SIGTERM)
+    queue = f"{stack.prefix}requests.testRequest"
+    assert stack.broker.queues()[queue]["consumers"] == 0
+    client = connect(stack)
+    requestId = client.request("testRequest", {"count": 1, "delayMs": 0}, timeoutMs=1000)
+    assert client.collect(requestId).code == "timeout"
+    # A worker that starts now never sees it.
+    worker = stack.startWorker()
+    assert client.call("echo", "after").data == "after"
+    client.assertQuiet(requestId)
+    waitUntil(lambda: stack.broker.queues()[queue]["messages"] == 0, f"{queue} to be empty")
+    assert "Stopped testRequest" not in worker.log
+    assert "Skipped" not in worker.log
+    assert "Dropped a late" not in stack.gateway.log
+
+
+def test_worker_sigterm_finishes_the_running_request(makeStack, connect):
+    stack = makeStack("rabbitmq")
+    client = connect(stack)
+    requestId = client.request("testRequest", {"count": 3, "delayMs": 300, "chunkBytes": 1})
+    client.waitForChunk(requestId)
+    worker = stack.workers[0]
+    worker.signal(signal.SIGTERM)
+    outcome = client.collect(requestId)
+    assert outcome.data["chunks"] == 3 and len(outcome.chunks) == 3
+    assert worker.process is not None
+    assert worker.process.wait(30) in (0, -signal.SIGTERM)
+    assert "Server Shut Down." in worker.log
+    assert "Stopped testRequest" not in worker.log
+    # With no worker left, the queue is still bound: requests wait and time out.
+    late = client.request("echo", "nobody", timeoutMs=500)
+    assert client.collect(late).code == "timeout"
+
+
+def test_worker_killed_mid_request_is_worker_lost(makeStack, connect):
+    stack = makeStack("rabbitmq")
+    client = connect(stack)
+    requestId = client.request("testRequest", {"count": 50, "delayMs": 100}, timeoutMs=60_000)
+    client.waitForChunk(requestId)
+    stack.workers[0].kill()
+    # The broker hands the unacked request to the next worker; testRequest is not
+    # idempotent, so that worker answers worker_lost instead of running it again.
+    stack.startWorker()
+    outcome = client.finish(requestId)
+    assert outcome.code == "worker_lost", outcome
+    assert "Stopped testRequest" not in stack.workers[1].log
