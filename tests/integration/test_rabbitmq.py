@@ -4,8 +4,10 @@ that expire in the queue, and workers that stop or die mid-request."""
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import secrets
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +138,21 @@ def test_worker_killed_mid_request_is_worker_lost(makeStack, connect):
     outcome = client.finish(requestId)
     assert outcome.code == "worker_lost", outcome
     assert "Stopped testRequest" not in stack.workers[1].log
+
+
+def test_idempotent_handler_reruns_after_its_worker_dies_without_repeating_chunks(
+        makeStack, connect, monkeypatch):
+    # The rerun starts from chunk 0 again; the gateway forwards only the chunks the client
+    # has not had, so the client sees 0..count-1 exactly once, in order.
+    here = str(Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        filter(None, [here, os.environ.get("PYTHONPATH")])))
+    stack = makeStack("rabbitmq", workerArgs=("--handlers", "idempotent_handlers"))
+    client = connect(stack)
+    requestId = client.request("slowCount", {"count": 30, "delayMs": 50}, timeoutMs=60_000)
+    client.waitForChunk(requestId, seq=5)
+    stack.workers[0].kill()
+    stack.startWorker("--handlers", "idempotent_handlers")
+    outcome = client.finish(requestId)
+    assert outcome.data == {"count": 30, "rerun": 1}
+    assert outcome.chunkData == list(range(30))
