@@ -12,7 +12,7 @@ import secrets
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -120,7 +120,7 @@ class CorrelationTable:
             deadline=entry.deadline,
             gatewayId=self._gatewayId,
         )
-        self._bus.publishRequest(message).addErrback(self._publishFailed, entry)
+        maybeDeferred(self._bus.publishRequest, message).addErrback(self._publishFailed, entry)
         return entry.outcome
 
     def _refusal(self, connection: IClientConnection, frame: RequestFrame) -> RelaybusError | None:
