@@ -650,3 +650,14 @@ def test_many_requests_over_many_connections_leave_nothing_behind(gw: Gateway) -
             assert len(gw.conn.terminalFrames("r-1")) == 1
     gw.table.busInterrupted(None)
     gw.assertEmpty()
+
+
+def test_publish_that_raises_ends_the_request_once_with_unavailable(
+        gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    def explode(message: RequestMessage) -> None:
+        raise RuntimeError("header table too large")
+
+    monkeypatch.setattr(gw.bus, "publishRequest", explode)
+    gw.submit()
+    assert terminal(gw.conn, "r-1")["error"]["code"] == "unavailable"
+    assert len(gw.table) == 0 and gw.clock.getDelayedCalls() == []
