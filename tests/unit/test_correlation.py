@@ -652,12 +652,15 @@ def test_many_requests_over_many_connections_leave_nothing_behind(gw: Gateway) -
     gw.assertEmpty()
 
 
-def test_publish_that_raises_ends_the_request_once_with_unavailable(
-        gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
-    def explode(message: RequestMessage) -> None:
+class RaisingBus(FakeRequestBus):
+    def publishRequest(self, message: RequestMessage) -> Deferred[None]:
         raise RuntimeError("header table too large")
 
-    monkeypatch.setattr(gw.bus, "publishRequest", explode)
-    gw.submit()
-    assert terminal(gw.conn, "r-1")["error"]["code"] == "unavailable"
-    assert len(gw.table) == 0 and gw.clock.getDelayedCalls() == []
+
+def test_publish_that_raises_ends_the_request_once_with_unavailable() -> None:
+    clock = Clock()
+    table = CorrelationTable(RaisingBus(), clock, LIMITS, "gw-test")
+    conn = FakeClientConnection("c1")
+    table.submit(conn, RequestFrame("r-1", "echo", None))
+    assert terminal(conn, "r-1")["error"]["code"] == "unavailable"
+    assert len(table) == 0 and clock.getDelayedCalls() == []
