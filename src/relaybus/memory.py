@@ -98,9 +98,8 @@ class MemoryBus(Service):
 
     def serve(self, requestTypes: Iterable[str], receiver: IRequestReceiver,
               prefetch: int) -> None:
-        consumer = _Consumer(receiver, prefetch)
-        for requestType in requestTypes:
-            self._consumers.setdefault(requestType, []).append(consumer)
+        for requestType in requestTypes:  # prefetch applies per requestType, as with AMQP
+            self._consumers.setdefault(requestType, []).append(_Consumer(receiver, prefetch))
 
     def stopServing(self, receiver: IRequestReceiver) -> None:
         for requestType, consumers in list(self._consumers.items()):

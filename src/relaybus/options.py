@@ -113,7 +113,7 @@ class GatewayOptions(_EnvironmentOptions):
         ["drain-timeout", None, _GATEWAY.drainTimeoutS,
          "Seconds to let requests finish on shutdown.", _positiveFloat],
         ["worker-concurrency", None, _GATEWAY.workerConcurrency,
-         "Requests each in-process handler module runs at once.", _positiveInt],
+         "Requests in-process handlers run at once, per requestType.", _positiveInt],
     ]
 
     def __init__(self) -> None:
@@ -150,7 +150,8 @@ class WorkerOptions(_EnvironmentOptions):
     repeatable = ("handlers",)
     optParameters = [
         ["broker", "b", None, "amqp:// or amqps:// URL of RabbitMQ (required)."],
-        ["concurrency", "c", 10, "Requests run at once (the AMQP prefetch).", _positiveInt],
+        ["concurrency", "c", 10, "Requests run at once per requestType (the AMQP prefetch).",
+         _positiveInt],
         ["amqp-prefix", None, "", "Prefix for every exchange and queue name."],
         ["drain-timeout", None, 10.0, "Seconds to let running requests finish on shutdown.",
          _positiveFloat],

@@ -129,22 +129,29 @@ class WorkerRuntime(Service):
         self._bus.serve(list(self._handlers), self, self._concurrency)
 
     def stopService(self) -> Deferred[None]:
-        """Finish what is in hand (up to the drain timeout), then hand the rest back."""
+        """Finish what is in hand (up to the drain timeout), then hand the rest back.
+
+        Deliveries that still arrive while draining (sent before the broker saw our
+        basic.cancel) are run too: handing them back would mark them redelivered, and the
+        next worker would answer worker_lost for a request nobody started.
+        """
         super().stopService()
-        self._accepting = False
         self._bus.stopServing(self)
         done: Deferred[None] = Deferred()
+
+        def stopped(result: None) -> None:
+            self._accepting = False
+            if timer is not None and timer.active():
+                timer.cancel()
+
+        done.addCallback(stopped)
+        timer = None
         if not self._inHand:
             done.callback(None)
             return done
         self._whenIdle.append(done)
         timer = self._clock.callLater(self._drainTimeoutS, self._handBackAll)
-
-        def stopTimer(result: None) -> None:
-            if timer.active():
-                timer.cancel()
-
-        return done.addCallback(stopTimer)
+        return done
 
     def _handBackAll(self) -> None:
         for running in list(self._running.values()):

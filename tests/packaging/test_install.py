@@ -45,6 +45,7 @@ def test_wheel_ships_the_plugin_without_a_cache(wheel: Path) -> None:
     assert "twisted/__init__.py" not in names
     assert "twisted/plugins/__init__.py" not in names
     assert not [name for name in names if name.endswith("dropin.cache")]
+    assert not [name for name in names if name.startswith("workers/node")]
 
 
 def test_installed_wheel_registers_both_twistd_commands(wheel: Path, tmp_path: Path) -> None:

@@ -136,6 +136,15 @@ def test_prefetch_is_respected(b: Bus) -> None:
     assert b.bus.queuedCount() == 0
 
 
+def test_prefetch_applies_per_request_type_as_with_amqp(b: Bus) -> None:
+    receiver = b.consumer("work", "other", prefetch=1)
+    for i in range(2):
+        b.publish(f"w-{i}", "work")
+        b.publish(f"o-{i}", "other")
+    b.turn()
+    assert sorted(ids(receiver)) == ["o-0", "w-0"]
+
+
 def test_round_robin_across_two_consumers(b: Bus) -> None:
     first, second = b.consumer(), b.consumer()
     for i in range(6):

@@ -595,15 +595,19 @@ def test_deliveries_arriving_after_stop_are_requeued(w: Worker) -> None:
     assert w.handler.calls == [] and w.bus.replies == []
 
 
-def test_deliveries_arriving_during_the_drain_are_requeued(w: Worker) -> None:
+def test_deliveries_arriving_during_the_drain_are_run_and_waited_for(w: Worker) -> None:
+    # Handing them back would mark them redelivered: the next worker would answer
+    # worker_lost for a request nobody started.
     w.deliver("c-1")
     done = w.runtime.stopService()
     settled: list[bool] = []
     message = requestMessage("late", "fake", deadline=w.clock.seconds() + 30)
     w.runtime.requestReceived(Delivery(message, False, settled.append))
-    assert settled == [True]
-    assert len(w.handler.calls) == 1
+    assert len(w.handler.calls) == 2
     w.handler.calls[0][2].callback("ok")
+    assertNoResult(done)
+    w.handler.calls[1][2].callback("ok too")
+    assert settled == [False]  # acked after its reply
     assert successResultOf(done) is None
 
 

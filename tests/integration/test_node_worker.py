@@ -1,0 +1,312 @@
+"""The Node.js worker in workers/node (written from docs/protocol.md alone) behind a real relaybus
+gateway on RabbitMQ: the WebSocket client must not be able to tell it from a Python worker.
+
+Each test gets a fresh gateway (its own --amqp-prefix, no Python worker) and starts its
+`node workers/node/worker.js` processes by hand; every one is killed at teardown. `npm ci` runs
+once per session if workers/node/node_modules is missing.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relaybus.testing import ServiceProcess
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.processes]
+
+NODE_DIR = Path(__file__).resolve().parents[2] / "workers" / "node"
+READY = "node worker ready"
+STOPPED = r"Stopped nodeCount [0-9a-f]{32}: "
+NPM_TIMEOUT = 100  # seconds; the whole test has pytest-timeout's 120
+LOG_TIMEOUT = 15.0  # the hang guard of every wait for a log line (as in conftest.py)
+
+
+@pytest.fixture(scope="session")
+def nodeWorkerDir() -> Path:
+    """workers/node with its dependencies installed (skips without node and npm)."""
+    missing = [tool for tool in ("node", "npm") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"the Node.js worker tests need {' and '.join(missing)} on PATH "
+                    "(install Node.js 18 or newer with npm)")
+    if not (NODE_DIR / "node_modules" / "amqplib").is_dir():
+        locked = (NODE_DIR / "package-lock.json").exists()
+        command = ["npm", "ci" if locked else "install", "--no-audit", "--no-fund"]
+        try:
+            done = subprocess.run(command, cwd=NODE_DIR, capture_output=True, text=True,
+                                  timeout=NPM_TIMEOUT, check=False)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`{' '.join(command)}` in {NODE_DIR} took over {NPM_TIMEOUT}s",
+                        pytrace=False)
+        if done.returncode != 0:
+            pytest.fail(f"`{' '.join(command)}` in {NODE_DIR} failed ({done.returncode}):\n"
+                        f"{done.stdout}{done.stderr}", pytrace=False)
+    return NODE_DIR
+
+
+class NodeWorkerProcess(ServiceProcess):
+    """`node worker.js ...` with its output in a log file, like the twistd processes (so the
+    harness shows its log when a test fails, and flags tracebacks in it)."""
+
+    def __init__(self, args: list[str], name: str) -> None:
+        super().__init__("node", args, name=name)
+
+    def start(self) -> NodeWorkerProcess:
+        with open(self.logPath, "ab") as log:
+            self.process = subprocess.Popen(
+                ["node", str(NODE_DIR / "worker.js"), *self.args], stdout=log,
+                stderr=subprocess.STDOUT, cwd=NODE_DIR, start_new_session=True)
+        return self
+
+    def waitUntilReady(self, timeout: float = 20.0, count: int = 1) -> NodeWorkerProcess:
+        self.waitForLog(re.escape(READY), timeout, count)
+        return self
+
+    def waitForLogSince(self, offset: int, pattern: str, timeout: float = LOG_TIMEOUT) -> str:
+        """The first match of `pattern` in the log after its first `offset` characters."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.log[offset:])
+            if match:
+                return match.group(0)
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{self.name}: no {pattern!r} in the log within {timeout}s; "
+                                     f"log since then:\n{self.log[offset:][-4000:]}")
+            time.sleep(0.05)
+
+
+class NodeStack:
+    """A gateway with no Python worker, and the Node.js workers a test starts."""
+
+    def __init__(self, stack: Any, pool: Any) -> None:  # conftest's Stack and ProcessPool
+        self.stack = stack
+        self.pool = pool
+        self.nodes: list[NodeWorkerProcess] = []
+
+    def startNode(self, *args: str) -> NodeWorkerProcess:
+        assert self.stack.broker is not None and self.stack.prefix is not None
+        node = NodeWorkerProcess(["--broker", self.stack.broker.url,
+                                  "--amqp-prefix", self.stack.prefix, *args],
+                                 name=f"node-worker{len(self.nodes) + 1}")
+        self.nodes.append(node)
+        self.pool.start(node)
+        return node.waitUntilReady()
+
+    def queue(self, requestType: str) -> str:
+        return f"{self.stack.prefix}requests.{requestType}"
+
+
+@pytest.fixture
+def nodeStack(nodeWorkerDir, makeStack, processes):
+    stack = makeStack("rabbitmq", workers=0)
+    nodes = NodeStack(stack, processes)
+    try:
+        yield nodes
+    finally:
+        # Before the pool stops the gateway: it expects a twistd log from what still runs.
+        for node in nodes.nodes:
+            node.kill()
+
+
+def assertQuiet(client, *requestIds: str) -> None:
+    """Client.assertQuiet with a nodeEcho barrier (there is no Python `echo` worker here)."""
+    barrier = f"barrier-{secrets.token_hex(4)}"
+    outcome = client.collect(client.request("nodeEcho", {"barrier": barrier}, barrier,
+                                            timeoutMs=30_000))
+    assert outcome.data == {"barrier": barrier}, outcome
+    late = [f for f in client.unread if f.get("requestId") in requestIds]
+    assert not late, f"frames after the terminal frame: {late}"
+
+
+def finish(client, requestId: str):
+    outcome = client.collect(requestId)
+    assertQuiet(client, requestId)
+    return outcome
+
+
+def test_topology_is_the_documented_one(nodeStack):
+    nodeStack.startNode("--concurrency", "3")
+    broker, prefix = nodeStack.stack.broker, nodeStack.stack.prefix
+    vhost = ["-p", broker.vhost]
+    exchanges = {row[0]: row[1:] for row in _rows(broker.ctl(
+        "list_exchanges", *vhost, "name", "type", "durable", "auto_delete", "internal",
+        "arguments"))}
+    for name in ("requests", "responses", "cancels"):
+        assert exchanges[prefix + name] == ["direct", "true", "false", "false", "[]"], name
+    queues = {row[0]: row[1:] for row in _rows(broker.ctl(
+        "list_queues", *vhost, "name", "durable", "auto_delete", "exclusive", "arguments"))}
+    bindings = {tuple(row) for row in _rows(broker.ctl(
+        "list_bindings", *vhost, "source_name", "destination_name", "routing_key"))}
+    consumers = {row[0]: row[1:] for row in _rows(broker.ctl(
+        "list_consumers", *vhost, "queue_name", "ack_required", "prefetch_count"))}
+    cancelQueues = [name for name in queues if name.startswith("amq.gen-")]
+    assert len(cancelQueues) == 1, queues
+    assert queues[cancelQueues[0]] == ["false", "true", "true", "[]"]
+    assert consumers[cancelQueues[0]] == ["false", "0"]  # auto-ack
+    for requestType in ("nodeEcho", "nodeCount"):
+        queue = nodeStack.queue(requestType)
+        assert queues[queue] == ["true", "false", "false", "[]"], queue
+        assert (prefix + "requests", queue, requestType) in bindings
+        assert (prefix + "cancels", cancelQueues[0], requestType) in bindings
+        assert consumers[queue] == ["true", "3"], queue  # manual acks, per-consumer prefetch
+
+
+def _rows(output: str) -> list[list[str]]:
+    lines = output.strip().splitlines()
+    return [line.split("\t") for line in lines[1:]]  # the first line names the columns
+
+
+def test_nodeEcho_returns_its_payload_after_one_chunk(nodeStack, connect):
+    nodeStack.startNode()
+    client = connect(nodeStack.stack)
+    payload = {"text": "héllo ✓", "list": [1, 2.5, None, True], "nested": {"a": {}}}
+    outcome = finish(client, client.request("nodeEcho", payload))
+    assert outcome.data == payload
+    assert outcome.chunkData == [{"received": True}]
+    # null (an absent payload) and scalars go through as well.
+    assert finish(client, client.request("nodeEcho")).data is None
+    assert finish(client, client.request("nodeEcho", 42)).data == 42
+
+
+def test_nodeCount_streams_its_chunks_then_the_response(nodeStack, connect):
+    nodeStack.startNode()
+    client = connect(nodeStack.stack)
+    outcome = finish(client, client.request("nodeCount", {"count": 5, "delayMs": 20}))
+    assert [c["seq"] for c in outcome.chunks] == [0, 1, 2, 3, 4]
+    assert outcome.chunkData == [{"index": i} for i in range(5)]
+    assert outcome.data == {"count": 5}
+    # Several at once on one connection, interleaved.
+    ids = {client.request("nodeCount", {"count": n, "delayMs": 10}): n for n in (0, 3, 7)}
+    for requestId, n in ids.items():
+        outcome = client.collect(requestId)
+        assert outcome.chunkData == [{"index": i} for i in range(n)], outcome
+        assert outcome.data == {"count": n}
+    assertQuiet(client, *ids)
+
+
+def test_cancel_stops_the_running_request(nodeStack, connect):
+    node = nodeStack.startNode()
+    client = connect(nodeStack.stack)
+    requestId = client.request("nodeCount", {"count": 100, "delayMs": 100}, timeoutMs=60_000)
+    client.waitForChunk(requestId)
+    offset = len(node.log)
+    client.cancel(requestId)
+    outcome = client.collect(requestId)
+    assert outcome.code == "cancelled", outcome
+    node.waitForLogSince(offset, STOPPED + re.escape("cancelled (reason: cancelled)"))
+    assertQuiet(client, requestId)
+    assert len(outcome.chunks) < 100
+
+
+def test_cancel_notice_before_the_request_skips_it(nodeStack, connect, waitUntil):
+    # With prefetch 1, the second request waits in the queue while the first runs, so its
+    # cancel notice reaches the worker before the request does.
+    node = nodeStack.startNode("--concurrency", "1")
+    client = connect(nodeStack.stack)
+    running = client.request("nodeCount", {"count": 100, "delayMs": 100}, timeoutMs=60_000)
+    client.waitForChunk(running)
+    queued = client.request("nodeCount", {"count": 3, "delayMs": 0}, timeoutMs=60_000)
+    client.cancel(queued)
+    assert client.collect(queued).code == "cancelled"
+    assert not re.search(r"Skipped|Stopped", node.log), node.log  # nothing ran it yet
+    offset = len(node.log)
+    client.cancel(running)
+    assert client.collect(running).code == "cancelled"
+    node.waitForLogSince(offset, STOPPED + re.escape("cancelled (reason: cancelled)"))
+    node.waitForLogSince(offset, r"Skipped nodeCount [0-9a-f]{32}: cancelled before it arrived")
+    assertQuiet(client, running, queued)
+    queue, broker = nodeStack.queue("nodeCount"), nodeStack.stack.broker
+    waitUntil(lambda: broker.queues()[queue]["messages"] == 0, f"{queue} empty (all acked)")
+
+def test_deadline_ends_with_timeout(nodeStack, connect):
+    node = nodeStack.startNode()
+    client = connect(nodeStack.stack)
+    offset = len(node.log)
+    requestId = client.request("nodeCount", {"count": 100, "delayMs": 100}, timeoutMs=700)
+    outcome = client.collect(requestId)
+    assert outcome.code == "timeout", outcome
+    assert 0 < len(outcome.chunks) < 100
+    # Stopped by its own deadline timer, or by the gateway's cancel notice (reason timeout),
+    # whichever came first.
+    node.waitForLogSince(
+        offset, STOPPED + r"(its deadline passed|cancelled \(reason: timeout\))")
+    assertQuiet(client, requestId)
+
+
+@pytest.mark.parametrize("payload, field", [
+    pytest.param({"count": "three"}, "count", id="count-not-an-integer"),
+    pytest.param({"count": 2, "delayMs": -5}, "delayMs", id="negative-delay"),
+    pytest.param({}, "count", id="no-count"),
+    pytest.param([1, 2], "payload", id="not-an-object"),
+    pytest.param(None, "payload", id="null"),
+])
+def test_bad_payload_is_bad_request(nodeStack, connect, payload, field):
+    nodeStack.startNode()
+    client = connect(nodeStack.stack)
+    outcome = finish(client, client.request("nodeCount", payload))
+    assert outcome.code == "bad_request", outcome
+    assert field in outcome.terminal["error"]["message"]
+    assert not outcome.chunks
+
+
+def test_worker_killed_mid_stream_is_worker_lost(nodeStack, connect):
+    first = nodeStack.startNode()
+    client = connect(nodeStack.stack)
+    requestId = client.request("nodeCount", {"count": 100, "delayMs": 100}, timeoutMs=60_000)
+    client.waitForChunk(requestId, seq=2)
+    first.kill()
+    # RabbitMQ hands the unacked request to the next worker with redelivered = true; nodeCount
+    # is not idempotent, so that worker answers worker_lost instead of running it again.
+    second = nodeStack.startNode()
+    outcome = finish(client, requestId)
+    assert outcome.code == "worker_lost", outcome
+    assert [c["seq"] for c in outcome.chunks] == list(range(len(outcome.chunks)))
+    assert re.search(r"Not running nodeCount [0-9a-f]{32} again: it was redelivered",
+                     second.log), second.log
+    assert "Stopped nodeCount" not in second.log
+
+
+def test_sigterm_lets_the_running_request_finish(nodeStack, connect):
+    node = nodeStack.startNode()
+    client = connect(nodeStack.stack)
+    requestId = client.request("nodeCount", {"count": 4, "delayMs": 300}, timeoutMs=30_000)
+    client.waitForChunk(requestId)
+    node.signal(signal.SIGTERM)
+    outcome = client.collect(requestId)
+    assert outcome.data == {"count": 4}
+    assert outcome.chunkData == [{"index": i} for i in range(4)]
+    assert node.process is not None
+    assert node.process.wait(15) == 0, node.log
+    assert "Stopped consuming requests" in node.log
+    assert "Stopped nodeCount" not in node.log
+    # The queue stays, with no consumer: a new request waits there until its deadline.
+    late = client.request("nodeEcho", "nobody", timeoutMs=500)
+    assert client.collect(late).code == "timeout"
+
+
+def test_sigterm_requeues_what_outlives_the_drain_timeout(nodeStack, connect, waitUntil):
+    node = nodeStack.startNode("--drain-timeout", "0.5")
+    client = connect(nodeStack.stack)
+    requestId = client.request("nodeCount", {"count": 100, "delayMs": 100}, timeoutMs=60_000)
+    client.waitForChunk(requestId)
+    node.signal(signal.SIGTERM)
+    assert node.process is not None
+    assert node.process.wait(15) == 0, node.log
+    assert re.search(STOPPED + "the drain timeout passed while shutting down; requeued it",
+                     node.log), node.log
+    queue = nodeStack.queue("nodeCount")
+    broker = nodeStack.stack.broker
+    waitUntil(lambda: broker.queues()[queue]["messages"] == 1, f"the request back in {queue}")
+    # The next worker gets it redelivered: it ran partly, so it is not run again.
+    nodeStack.startNode()
+    outcome = finish(client, requestId)
+    assert outcome.code == "worker_lost", outcome
+    assert 0 < len(outcome.chunks) < 100
