@@ -27,7 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("payload", nargs="?", default="null", help="JSON (default: null)")
     call.add_argument("--url", default=DEFAULT_URL,
                       help=f"gateway WebSocket (default {DEFAULT_URL})")
-    call.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    call.add_argument("--timeout", type=float, default=30.0,
+                      help="the request's deadline in seconds (default 30)")
+    call.add_argument("--connect-timeout", dest="connectTimeout", type=float, default=10.0,
+                      help="seconds to connect to the gateway (default 10)")
     return parser
 
 
@@ -40,7 +43,7 @@ async def _call(reactor: Any, args: argparse.Namespace, payload: Any) -> int:
     from relaybus.client import connect
 
     try:
-        client = await connect(args.url, reactor, timeout=min(args.timeout, 10.0))
+        client = await connect(args.url, reactor, timeout=args.connectTimeout)
     except RelaybusError as e:
         _print({"type": "error", "code": str(e.code), "message": e.message})
         return 1
