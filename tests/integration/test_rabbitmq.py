@@ -156,3 +156,14 @@ def test_idempotent_handler_reruns_after_its_worker_dies_without_repeating_chunk
     outcome = client.finish(requestId)
     assert outcome.data == {"count": 30, "rerun": 1}
     assert outcome.chunkData == list(range(30))
+
+
+def test_gateway_can_run_handlers_in_process_against_rabbitmq(makeStack, connect):
+    # --handlers with --broker: the gateway process also runs a worker runtime on the broker.
+    stack = makeStack("rabbitmq", workers=0,
+                      gatewayArgs=("--handlers", "workers.examples"))
+    stack.gateway.waitForLog(r"relaybus in-process worker .*: connected and set up")
+    client = connect(stack)
+    outcome = client.finish(client.request("testRequest", {"count": 2, "delayMs": 0}))
+    assert [c["index"] for c in outcome.chunkData] == [0, 1]
+    assert client.call("echo", {"in": "process"}).data == {"in": "process"}
