@@ -7,6 +7,7 @@ change them together. pika stays inside this module so that it can be swapped ou
 from __future__ import annotations
 
 import functools
+import random
 import urllib.parse
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -15,10 +16,10 @@ import attrs
 import pika
 from pika.adapters.twisted_connection import TwistedProtocolConnection
 from pika.exceptions import AMQPConnectionError, NackError, UnroutableError
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import ClientService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
-from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, connectionDone
@@ -41,6 +42,10 @@ HEADER_SEQ = "relaybus-seq"
 HEADER_CANCEL_REASON = "relaybus-cancel-reason"
 CONTENT_TYPE = "application/json"
 REPLY_QUEUE_EXPIRES_MS = 60_000
+BACKOFF_INITIAL_S = 0.5
+BACKOFF_MAX_S = 10.0
+SETUP_TIMEOUT_S = 15.0
+CLOSE_TIMEOUT_S = 3.0
 TRANSIENT = 1  # delivery_mode: requests and replies are worthless after their deadline
 
 
@@ -90,8 +95,10 @@ def endpointForURL(reactor: Any, url: str) -> IStreamClientEndpoint:
     return HostnameEndpoint(reactor, host, parsed.port or 5672, timeout=10)
 
 
-def consumeForever(queue: Any, handle: Callable[[Any], None]) -> None:
-    """Feed each message of a pika consumer queue to `handle` until the queue closes.
+def consumeForever(queue: Any, handle: Callable[[Any], None],
+                   stopped: Callable[[], None] | None = None) -> None:
+    """Feed each message of a pika consumer queue to `handle` until the queue closes, then
+    call `stopped` (the broker cancelled the consumer, or its channel or connection died).
 
     Iterative, not recursive: a backlog of ready messages must not grow the stack.
     """
@@ -106,6 +113,8 @@ def consumeForever(queue: Any, handle: Callable[[Any], None]) -> None:
     def later(more: bool) -> None:
         if more:
             step()
+        elif stopped is not None:
+            stopped()
 
     def step() -> None:
         while True:
@@ -116,9 +125,18 @@ def consumeForever(queue: Any, handle: Callable[[Any], None]) -> None:
             more: list[bool] = []
             d.addCallback(more.append)
             if not more[0]:  # the queue is closed: channel or connection gone
+                if stopped is not None:
+                    stopped()
                 return
 
     step()
+
+
+def watchChannel(link: BrokerLink, connection: TwistedProtocolConnection, channel: Any,
+                 why: str) -> None:
+    """A channel the broker closes while its connection lives on (a 406, a deleted queue)
+    would leave a zombie: reconnect instead, which re-creates everything."""
+    channel.on_closed.addBoth(lambda _: link.drop(connection, why))
 
 
 def detached(published: Deferred[Any]) -> Deferred[Any]:
@@ -135,6 +153,21 @@ def detached(published: Deferred[Any]) -> Deferred[Any]:
             ours.callback(result)
 
     published.addBoth(relay)
+    return ours
+
+
+def atMost(d: Deferred[Any], seconds: float, clock: IReactorTime) -> Deferred[None]:
+    """Fires (with None) when `d` does or after `seconds`, whichever comes first; never
+    cancels `d` and never fails."""
+    ours: Deferred[None] = Deferred()
+
+    def fire(_: Any = None) -> None:
+        if not ours.called:
+            ours.callback(None)
+
+    detached(d).addBoth(fire)
+    timer = clock.callLater(seconds, fire)
+    ours.addCallback(lambda _: timer.cancel() if timer.active() else None)
     return ours
 
 
@@ -173,8 +206,14 @@ class BrokerLink(Service):
         self._lost = lost
         self._client: ClientService | None = None
         self._attempt = 0
-        self._delay = backoffPolicy(initialDelay=0.5, maxDelay=10.0, factor=2.0)
+        self._settingUp: TwistedProtocolConnection | None = None
+        self._dropped: TwistedProtocolConnection | None = None
         self.connection: TwistedProtocolConnection | None = None
+        self.blocked = False  # the broker refuses to read from us (memory or disk alarm)
+
+    @property
+    def ready(self) -> bool:
+        return self.connection is not None and self.connection.is_open and not self.blocked
 
     def startService(self) -> None:
         super().startService()
@@ -198,8 +237,10 @@ class BrokerLink(Service):
         self._client.startService()
 
     def _nextDelay(self, _attempt: int) -> float:
+        """0.5 s doubling to 10 s, each shortened by up to a quarter at random."""
         self._attempt += 1
-        return float(self._delay(self._attempt))
+        delay = min(BACKOFF_INITIAL_S * 2 ** (self._attempt - 1), BACKOFF_MAX_S)
+        return delay * random.uniform(0.75, 1.0)
 
     def _handshakeFailed(self, failure: Failure) -> None:
         if failure.check(AMQPConnectionError):
@@ -209,25 +250,63 @@ class BrokerLink(Service):
         log.warn("AMQP {name}: connection failed: {why}", name=self._name, why=why)
 
     def _handshaken(self, connection: TwistedProtocolConnection) -> Deferred[Any]:
+        self._settingUp = connection
+        impl = getattr(connection, "_impl", None)  # no public hook for connection.blocked
+        if impl is not None:
+            impl.add_on_connection_blocked_callback(lambda *_: self._setBlocked(True))
+            impl.add_on_connection_unblocked_callback(lambda *_: self._setBlocked(False))
+
         def ready(_: Any) -> None:
-            if not connection.is_open:
+            if timer.active():
+                timer.cancel()
+            if not connection.is_open or self._settingUp is not connection:
                 return
+            self._settingUp = None
             self._attempt = 0
             self.connection = connection
             log.info("AMQP {name}: connected and set up", name=self._name)
 
         def failed(failure: Failure) -> None:
-            log.failure("AMQP {name}: setting up the connection failed", failure,
-                        name=self._name)
-            if connection.transport is not None:
-                connection.transport.loseConnection()
+            if timer.active():
+                timer.cancel()
+            if self._settingUp is connection:
+                log.failure("AMQP {name}: setting up the connection failed", failure,
+                            name=self._name)
+                self.drop(connection, "setup failed")
 
-        return self._setup(connection).addCallbacks(ready, failed)
+        def tooSlow() -> None:
+            log.warn("AMQP {name}: setup took over {s} s", name=self._name, s=SETUP_TIMEOUT_S)
+            self.drop(connection, "setup timed out")
+
+        timer = self._reactor.callLater(SETUP_TIMEOUT_S, tooSlow)
+        return detached(self._setup(connection)).addCallbacks(ready, failed)
+
+    def _setBlocked(self, blocked: bool) -> None:
+        self.blocked = blocked
+        log.warn("AMQP {name}: the broker {state} this connection (resource alarm)",
+                 name=self._name, state="blocks" if blocked else "unblocked")
+
+    def drop(self, connection: TwistedProtocolConnection, why: str) -> None:
+        """Abort `connection` if it is still ours, so the normal reconnect path takes over
+        (used when a channel or consumer dies while the connection lives on)."""
+        if connection not in (self.connection, self._settingUp) or not self.running:
+            return
+        if connection is self._dropped:  # one reason is enough
+            return
+        self._dropped = connection
+        transport = connection.transport
+        if transport is not None:
+            log.warn("AMQP {name}: reconnecting: {why}", name=self._name, why=why)
+            transport.abortConnection()
 
     def _connectionLost(self, connection: TwistedProtocolConnection, reason: Failure) -> None:
-        if self.connection is not connection:
+        if connection is self._settingUp:
+            self._settingUp = None  # deliveries may already have been handed out
+        elif connection is self.connection:
+            self.connection = None
+        else:
             return
-        self.connection = None
+        self.blocked = False
         if not self.running:
             log.info("AMQP {name}: connection closed", name=self._name)
             return
@@ -236,19 +315,23 @@ class BrokerLink(Service):
         self._lost(reason)
 
     def stopService(self) -> Deferred[None]:
+        """Close politely, but never wait on a broker that does not answer or read."""
         super().stopService()
-        connection, client = self.connection, self._client
-        done: Deferred[Any] = defer.succeed(None)
-        if connection is not None and connection.is_open:
-            closed = connection.closed
+        connection, client = self.connection or self._settingUp, self._client
+        closing: Deferred[Any] = defer.succeed(None)
+        if connection is not None and connection.is_open and connection.closed is not None:
+            closing = atMost(connection.closed, CLOSE_TIMEOUT_S, self._reactor)
             connection.close()
-            if closed is not None:
-                done = closed
-                done.addTimeout(3, self._reactor)
-                done.addErrback(lambda _: None)
-        if client is not None:
-            done.addCallback(lambda _: client.stopService())
-        return done
+
+        def abortAndStop(_: Any) -> Any:
+            transport = connection.transport if connection is not None else None
+            if transport is not None and getattr(transport, "connected", False):
+                transport.abortConnection()  # a blocked broker never reads our close
+            if client is not None:
+                return atMost(client.stopService(), CLOSE_TIMEOUT_S, self._reactor)
+            return None
+
+        return closing.addCallback(abortAndStop).addCallback(lambda _: None)
 
 
 def _properties(**kwargs: Any) -> pika.BasicProperties:
@@ -275,19 +358,22 @@ class AmqpRequestBus(MultiService):
         self._receiver: IReplyReceiver | None = None
         self._channel: Any = None
         self._returned: set[str] = set()
-        BrokerLink(url, reactor, f"relaybus gateway {gatewayId}", self._setup,
-                   self._lost).setServiceParent(self)
+        self._link = BrokerLink(url, reactor, f"relaybus gateway {gatewayId}", self._setup,
+                                self._lost)
+        self._link.setServiceParent(self)
 
     def listen(self, receiver: IReplyReceiver) -> None:
         self._receiver = receiver
 
     def isReady(self) -> bool:
-        return self._channel is not None and self._channel.is_open
+        """Connected, set up, and not blocked by a broker resource alarm."""
+        return self._channel is not None and self._channel.is_open and not self._link.blocked
 
     @inlineCallbacks
     def _setup(self, connection: TwistedProtocolConnection) -> Any:
         topology = self._topology
         consuming = yield connection.channel()
+        watchChannel(self._link, connection, consuming, "the reply channel closed")
         yield topology.declareExchanges(consuming)
         replyQueue = topology.replyQueue(self.replyTo)
         # Not exclusive: it must outlive a short reconnect; x-expires removes it once this
@@ -298,10 +384,12 @@ class AmqpRequestBus(MultiService):
         yield consuming.queue_bind(queue=replyQueue, exchange=topology.responsesExchange,
                                    routing_key=self.replyTo)
         publishing = yield connection.channel()
+        watchChannel(self._link, connection, publishing, "the publishing channel closed")
         yield publishing.confirm_delivery()
         publishing.add_on_return_callback(self._messageReturned)
         queue, _tag = yield consuming.basic_consume(queue=replyQueue, auto_ack=True)
-        consumeForever(queue, self._replyArrived)
+        consumeForever(queue, self._replyArrived, lambda: self._link.drop(
+            connection, "the broker cancelled the reply consumer"))
         self._returned.clear()
         self._channel = publishing
 
@@ -394,6 +482,7 @@ class AmqpWorkerBus(MultiService):
         self._consuming: Any = None
         self._publishing: Any = None
         self._consumerTags: list[str] = []
+        self._serving = False
         self._link = BrokerLink(url, reactor, name, self._setup, self._lost)
         self._link.setServiceParent(self)
 
@@ -404,27 +493,33 @@ class AmqpWorkerBus(MultiService):
         self._requestTypes = list(requestTypes)
         self._receiver = receiver
         self._prefetch = prefetch
+        self._serving = True
 
     def startService(self) -> None:
         if self._receiver is None:
             raise RuntimeError("call serve() before starting an AmqpWorkerBus")
         super().startService()
 
-    def stopServing(self, receiver: IRequestReceiver) -> None:
-        """Stop taking new deliveries; those in hand can still be settled."""
-        channel = self._consuming
-        if channel is not None and channel.is_open:
-            for tag in self._consumerTags:
-                channel.basic_cancel(tag).addErrback(lambda _: None)
-        self._consumerTags = []
+    def stopServing(self, receiver: IRequestReceiver) -> Deferred[Any]:
+        """Stop taking new deliveries (those in hand can still be settled); fires once the
+        broker confirmed, so deliveries already on their way have arrived."""
+        self._serving = False
+        channel, tags, self._consumerTags = self._consuming, self._consumerTags, []
+        if channel is None or not channel.is_open:
+            return defer.succeed(None)
+        return DeferredList([detached(channel.basic_cancel(tag)) for tag in tags],
+                            consumeErrors=True)
 
     def isReady(self) -> bool:
-        return self._publishing is not None and self._publishing.is_open
+        return (self._publishing is not None and self._publishing.is_open
+                and not self._link.blocked)
 
     @inlineCallbacks
     def _setup(self, connection: TwistedProtocolConnection) -> Any:
         topology = self._topology
+        link = self._link
         consuming = yield connection.channel()
+        watchChannel(link, connection, consuming, "the consuming channel closed")
         yield topology.declareExchanges(consuming)
         yield consuming.basic_qos(prefetch_count=self._prefetch)
         for requestType in self._requestTypes:
@@ -438,16 +533,28 @@ class AmqpWorkerBus(MultiService):
             yield consuming.queue_bind(queue=cancelQueue, exchange=topology.cancelsExchange,
                                        routing_key=requestType)
         publishing = yield connection.channel()
+        watchChannel(link, connection, publishing, "the publishing channel closed")
         yield publishing.confirm_delivery()
         self._consuming, self._publishing = consuming, publishing
         cancels, _tag = yield consuming.basic_consume(queue=cancelQueue, auto_ack=True)
-        consumeForever(cancels, self._cancelArrived)
+        consumeForever(cancels, self._cancelArrived, lambda: link.drop(
+            connection, "the broker cancelled the cancel-notice consumer"))
         self._consumerTags = []
         for requestType in self._requestTypes:
+            if not self._serving:  # stopServing() came while we were setting up
+                break
             queue, tag = yield consuming.basic_consume(
                 queue=topology.requestQueue(requestType), auto_ack=False)
-            self._consumerTags.append(tag)
-            consumeForever(queue, functools.partial(self._requestArrived, consuming))
+            if not self._serving:
+                detached(consuming.basic_cancel(tag)).addErrback(lambda _: None)
+            else:
+                self._consumerTags.append(tag)
+            consumeForever(queue, functools.partial(self._requestArrived, consuming),
+                           functools.partial(self._consumerStopped, connection, requestType))
+
+    def _consumerStopped(self, connection: TwistedProtocolConnection, requestType: str) -> None:
+        if self._serving:  # not our own basic.cancel: the broker cancelled it (queue deleted)
+            self._link.drop(connection, f"the broker cancelled the {requestType} consumer")
 
     def _lost(self, reason: Failure) -> None:
         self._consuming = self._publishing = None

@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.util import parse_url
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -75,7 +76,8 @@ class RelaybusClient:
 
     @property
     def connected(self) -> bool:
-        return self._protocol is not None and self.hello is not None
+        return (self._protocol is not None and self.hello is not None
+                and self._protocol.state == WebSocketProtocol.STATE_OPEN)
 
     def call(self, requestType: str, payload: Any = None,
              onChunk: Callable[[Any], Any] | None = None,
@@ -155,24 +157,30 @@ class RelaybusClient:
         if kind == "error" and requestId is None:
             log.error("The gateway refused a frame: {error}", error=frame.get("error"))
             return
-        call = self._calls.get(requestId) if isinstance(requestId, str) else None
-        if call is None:
+        if not isinstance(requestId, str) or requestId not in self._calls:
             return
+        call = self._calls[requestId]
         if kind == "chunk":
             if frame.get("seq") != call.nextSeq:
                 log.error("Chunk {seq} out of order (expected {expected})",
                           seq=frame.get("seq"), expected=call.nextSeq)
             call.nextSeq += 1
             if call.onChunk is not None:
-                call.onChunk(frame.get("data"))
+                try:
+                    call.onChunk(frame.get("data"))
+                except Exception as e:  # the caller's bug ends this call only
+                    log.failure("onChunk failed for {requestId}", requestId=requestId)
+                    self._end(requestId, RelaybusError(
+                        ErrorCode.CANCELLED, f"onChunk raised {e!r}; the request was cancelled"),
+                        sendCancel=True)
         elif kind == "response":
-            self._end(requestId, frame.get("data"))  # type: ignore[arg-type]
+            self._end(requestId, frame.get("data"))
         elif kind == "error":
             error = frame.get("error") or {}
             if error.get("code") == ErrorCode.DUPLICATE_REQUEST_ID:
                 return  # about a second frame with this id; the original goes on
-            self._end(requestId, RelaybusError(  # type: ignore[arg-type]
-                str(error.get("code")), str(error.get("message"))))
+            self._end(requestId, RelaybusError(str(error.get("code")),
+                                               str(error.get("message"))))
 
     def _connectionClosed(self, code: int | None, reason: str | None) -> None:
         self._protocol = None

@@ -302,15 +302,18 @@ class CorrelationTable:
         log.failure("Sending the terminal frame of {correlationId} failed", failure,
                     correlationId=entry.correlationId)
 
-    @staticmethod
-    def _sendError(failure: Failure, entry: PendingRequest) -> None:
+    def _sendError(self, failure: Failure, entry: PendingRequest) -> None:
         # The error frame is the failure's final handling: nothing is left unhandled.
         error = failure.value
         if not isinstance(error, RelaybusError):  # a bug of ours: still end the request
             log.failure("Request {correlationId} failed", failure,
                         correlationId=entry.correlationId)
             error = RelaybusError(ErrorCode.UNAVAILABLE, "the gateway failed")
-        entry.connection.deliverFrame(errorFrame(entry.requestId, error))
+        frame = errorFrame(entry.requestId, error)
+        if len(frame) > self._limits.maxMessageBytes:  # keep the code, drop the long message
+            frame = errorFrame(entry.requestId, RelaybusError(
+                error.code, "the error message was too long to send"))
+        entry.connection.deliverFrame(frame)
 
 
 def _workerError(data: Any) -> RelaybusError:

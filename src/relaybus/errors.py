@@ -6,6 +6,7 @@ The codes are part of the wire contract (docs/protocol.md): add new ones, never 
 from __future__ import annotations
 
 import enum
+import re
 
 
 class ErrorCode(enum.StrEnum):
@@ -36,10 +37,20 @@ WORKER_ERROR_CODES = frozenset(
 )
 
 
+MAX_ERROR_MESSAGE_LENGTH = 1024
+_LONE_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
 class RelaybusError(Exception):
-    """A failure that ends one request with a protocol error code."""
+    """A failure that ends one request with a protocol error code.
+
+    The message travels to clients, so it is cut to MAX_ERROR_MESSAGE_LENGTH characters and
+    anything that cannot be UTF-8 (lone surrogates) becomes U+FFFD: an error must always be
+    sendable.
+    """
 
     def __init__(self, code: ErrorCode | str, message: str) -> None:
+        message = _LONE_SURROGATES.sub("\ufffd", str(message)[:MAX_ERROR_MESSAGE_LENGTH])
         super().__init__(f"{code}: {message}")
         self.code = ErrorCode(code) if code in ErrorCode._value2member_map_ else code
         self.message = message

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from typing import Any
 
 import attrs
@@ -71,13 +72,24 @@ def _finiteFloat(text: str) -> float:
     return number
 
 
+def _floatSizedInt(text: str) -> int:
+    number = int(text)
+    if abs(number) > _LARGEST_FLOAT:
+        raise ValueError(f"{text[:20]}... is out of range")
+    return number
+
+
+_LARGEST_FLOAT = int(sys.float_info.max)
+
+
 def decodeJSON(data: bytes | str) -> Any:
     """Strict JSON: strict UTF-8, no NaN/Infinity or overflowing numbers (they could not be
     sent on), and deep nesting is an error rather than a crash."""
     if isinstance(data, bytes):
         data = data.decode("utf-8")  # json.loads would let UTF-8-encoded surrogates through
     try:
-        return json.loads(data, parse_constant=_rejectConstant, parse_float=_finiteFloat)
+        return json.loads(data, parse_constant=_rejectConstant, parse_float=_finiteFloat,
+                          parse_int=_floatSizedInt)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
 

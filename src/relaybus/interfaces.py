@@ -60,7 +60,10 @@ class IWorkerBus(Interface):
         """
 
     def stopServing(receiver):
-        """Stop delivering new requests to `receiver`; those in hand can still be settled."""
+        """Stop delivering new requests to `receiver`; those in hand can still be settled.
+
+        Returns a Deferred that fires once no further delivery can arrive.
+        """
 
     def isReady():
         """True when replies can be published right now."""

@@ -101,11 +101,12 @@ class MemoryBus(Service):
         for requestType in requestTypes:  # prefetch applies per requestType, as with AMQP
             self._consumers.setdefault(requestType, []).append(_Consumer(receiver, prefetch))
 
-    def stopServing(self, receiver: IRequestReceiver) -> None:
+    def stopServing(self, receiver: IRequestReceiver) -> Deferred[None]:
         for requestType, consumers in list(self._consumers.items()):
             consumers[:] = [c for c in consumers if c.receiver is not receiver]
             if not consumers:
                 del self._consumers[requestType]
+        return succeed(None)
 
     def publishReply(self, reply: ReplyMessage) -> Deferred[None]:
         if not self.running:

@@ -116,8 +116,9 @@ class FakeWorkerBus:
         self.receiver = receiver
         self.prefetch = prefetch
 
-    def stopServing(self, receiver: IRequestReceiver) -> None:
+    def stopServing(self, receiver: IRequestReceiver) -> Deferred[None]:
         self.receiver = None
+        return succeed(None)
 
     def isReady(self) -> bool:
         return self.ready

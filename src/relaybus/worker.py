@@ -136,21 +136,28 @@ class WorkerRuntime(Service):
         next worker would answer worker_lost for a request nobody started.
         """
         super().stopService()
-        self._bus.stopServing(self)
         done: Deferred[None] = Deferred()
 
-        def stopped(result: None) -> None:
+        def finish(_: Any = None) -> None:
+            if done.called:
+                return
             self._accepting = False
-            if timer is not None and timer.active():
+            if timer.active():
                 timer.cancel()
-
-        done.addCallback(stopped)
-        timer = None
-        if not self._inHand:
             done.callback(None)
-            return done
-        self._whenIdle.append(done)
-        timer = self._clock.callLater(self._drainTimeoutS, self._handBackAll)
+
+        def consumersStopped(_: Any) -> None:
+            if not self._inHand:
+                finish()
+            else:
+                self._whenIdle.append(Deferred().addCallback(finish))
+
+        def drainTimeout() -> None:
+            self._handBackAll()
+            finish()
+
+        timer = self._clock.callLater(self._drainTimeoutS, drainTimeout)
+        maybeDeferred(self._bus.stopServing, self).addBoth(consumersStopped)
         return done
 
     def _handBackAll(self) -> None:
@@ -255,16 +262,17 @@ class WorkerRuntime(Service):
         self._running.pop(message.correlationId, None)
         if running.deadlineTimer is not None and running.deadlineTimer.active():
             running.deadlineTimer.cancel()
-        if isinstance(result, Failure):
-            kind, body = ReplyKind.ERROR, encodeJSON(_errorReply(result, message.correlationId))
-        else:
-            try:
-                kind, body = ReplyKind.RESPONSE, encodeJSON(result)
-            except (TypeError, ValueError) as e:
-                log.error("Handler for {requestType} returned a value that is not JSON: {e}",
-                          requestType=message.requestType, e=e)
+        try:
+            if isinstance(result, Failure):
                 kind, body = ReplyKind.ERROR, encodeJSON(
-                    {"code": "handler_error", "message": "the handler's result is not JSON"})
+                    _errorReply(result, message.correlationId))
+            else:
+                kind, body = ReplyKind.RESPONSE, encodeJSON(result)
+        except Exception as e:  # whatever happens, the request gets a final reply and a settle
+            log.error("Handler for {requestType} gave a result that cannot be sent: {e!r}",
+                      requestType=message.requestType, e=e)
+            kind, body = ReplyKind.ERROR, encodeJSON(
+                {"code": "handler_error", "message": "the handler's result is not JSON"})
         self._publish(running.delivery, kind, body).addBoth(
             self._settleAfterFinalReply, running.delivery)
 

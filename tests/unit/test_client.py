@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from unitsupport import assertNoResult, errorCode, failureResultOf, successResultOf
@@ -14,6 +15,8 @@ from relaybus.client import LOCAL_TIMEOUT_GRACE_S, RelaybusClient
 
 
 class FakeProtocol:
+    state = WebSocketProtocol.STATE_OPEN
+
     def __init__(self) -> None:
         self.sent: list[dict[str, Any]] = []
         self.closedWith: int | None = None
