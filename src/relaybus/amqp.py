@@ -585,7 +585,7 @@ class AmqpWorkerBus(MultiService):
         principal = headers.get(HEADER_PRINCIPAL)
         request = RequestMessage(
             correlationId=properties.correlation_id,
-            requestType=headers.get(HEADER_REQUEST_TYPE) or method.routing_key,
+            requestType=method.routing_key,  # the queue is bound by it: always right
             replyTo=properties.reply_to, body=message.body, deadline=deadline,
             gatewayId=str(headers.get(HEADER_GATEWAY_ID) or ""),
             principal=principal if isinstance(principal, str) else None)

@@ -331,6 +331,11 @@ def _errorReply(failure: Failure, correlationId: str) -> dict[str, str]:
         return error.asDict()
     if isinstance(error, CancelledError):
         return {"code": "cancelled", "message": "the request was cancelled"}
+    if isinstance(error, RelaybusError) and error.code == ErrorCode.UNAVAILABLE:
+        # A chunk could not be published: the broker went away. Not a handler bug, no traceback.
+        log.warn("Request {correlationId} ended: {why}", correlationId=correlationId,
+                 why=error.message)
+        return {"code": "handler_error", "message": "the worker lost the message broker"}
     log.error("Handler failed for {correlationId}:\n{tb}", correlationId=correlationId,
               tb="".join(traceback.format_exception(error)))
     return {"code": "handler_error", "message": "the handler failed; see the worker's log"}
