@@ -10,6 +10,7 @@ This module is also a handler module: the worker loads it with --handlers.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 from zope.interface import implementer
 
+from conftest import waitUntil
 from relaybus.interfaces import IRequestHandler, IRequestStream
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.processes]
@@ -91,10 +93,18 @@ def _diskAlarm(broker: Any) -> Iterator[None]:
     broker.requireCtl()
     broker.ctl("set_disk_free_limit", "1000000GB")
     try:
-        time.sleep(1.5)  # the disk monitor notices within a second
+        waitUntil(lambda: "disk" in json.dumps(json.loads(
+            broker.ctl("status", "--formatter", "json")).get("alarms")),
+            "the disk alarm to be raised", timeout=15, interval=0.2)
         yield
     finally:
         broker.ctl("set_disk_free_limit", DEFAULT_DISK_FREE_LIMIT)
+
+
+def _waitUntilBlocked(stack: Any) -> None:
+    waitUntil(lambda: "blocked" in stack.broker.ctl("list_connections", "-p",
+                                                     stack.broker.vhost, "state"),
+              "the broker to block the gateway's connection", timeout=15, interval=0.2)
 
 
 @pytest.mark.log_errors_expected
@@ -108,7 +118,7 @@ def test_gateway_exits_on_sigterm_while_the_broker_blocks_it(makeStack, connect)
             payload = "x" * (900 * 1024)
             for _ in range(40):  # ~36 MB: more than the socket buffers can hold
                 client.request("echo", payload, timeoutMs=60_000)
-            time.sleep(2)
+            _waitUntilBlocked(stack)
             started = time.monotonic()
             gateway.signal(signal.SIGTERM)
             try:
@@ -128,7 +138,6 @@ def test_gateway_is_not_ready_while_the_broker_blocks_it(makeStack, connect):
     assert client.call("echo", "before").data == "before"
     with _diskAlarm(stack.broker):
         client.request("echo", "x" * 1024, timeoutMs=60_000)  # the publish that blocks it
-        time.sleep(1)
-        states = stack.broker.ctl("list_connections", "-p", stack.broker.vhost, "state")
-        assert "blocked" in states, states
-        assert stack.gateway.httpStatus("/readyz") == 503
+        _waitUntilBlocked(stack)
+        waitUntil(lambda: stack.gateway.httpStatus("/readyz") == 503,
+                  "/readyz to say 503 while blocked", timeout=10)
