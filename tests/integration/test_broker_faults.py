@@ -1,8 +1,5 @@
-"""Adversarial review, against the real RabbitMQ: a channel-level failure while the AMQP
-connection stays up is never recovered from (no reconnect, no re-declare, no re-consume).
-
-(Named *_rabbitmq so its basename differs from tests/unit/test_review_findings.py: the test
-tree has no __init__.py, and pytest refuses two test modules with one basename.)
+"""Broker faults against the real RabbitMQ: channels and consumers the broker closes while the
+connection stays up, and resource alarms that block the gateway's connection.
 
 This module is also a handler module: the worker loads it with --handlers.
 """

@@ -1,8 +1,6 @@
-"""Adversarial review: each test proves one defect and is expected to fail until it is fixed.
-
-Every test is `xfail(strict=True)`: when a fix lands, the test starts passing and the strict
-xfail turns that into a failure, so the marker has to be removed together with the fix.
-"""
+"""Edge cases found by an adversarial review, one test each: AMQP setup and reconnect races,
+shutdown against a broker that does not read, the worker's drain, error frames that could not
+be sent, and the Python client's callbacks. One known pika limitation stays a strict xfail."""
 
 from __future__ import annotations
 
