@@ -4,7 +4,8 @@
 from twisted.application.service import Application
 
 from relaybus.options import GatewayOptions
-from relaybus.service import GatewayService
+from relaybus.service import GatewayService, exitZeroOnSigterm
 
+exitZeroOnSigterm()
 application = Application("relaybus")
 GatewayService(GatewayOptions.fromEnvironment().config).setServiceParent(application)

@@ -7,6 +7,8 @@ import socket
 
 import attrs
 
+from relaybus.frames import MAX_LOG_ENTRIES_PER_FRAME
+
 MiB = 1024 * 1024
 
 
@@ -23,6 +25,10 @@ class Limits:
     maxInFlight: int = 100
     defaultTimeoutMs: int = 30_000
     maxTimeoutMs: int = 300_000
+    # client-log entries: a token bucket per connection (entries per second, burst).
+    clientLogPerSecond: int = 20
+    clientLogBurst: int = 100
+    maxLogEntriesPerFrame: int = MAX_LOG_ENTRIES_PER_FRAME
 
     def forHello(self) -> dict[str, int]:
         return attrs.asdict(self)
@@ -41,6 +47,9 @@ class GatewayConfig:
     openHandshakeTimeoutS: float = 10.0
     drainTimeoutS: float = 10.0
     workerConcurrency: int = 10  # for handlers run in-process
+    # What a client that stops reading may cost: bytes queued for it beyond Twisted's own
+    # 64 KiB write buffer before the gateway closes it with 1008.
+    maxSendBufferBytes: int = 4 * MiB
 
     @property
     def inMemory(self) -> bool:

@@ -8,6 +8,7 @@ one terminal frame" is a property of Deferred itself rather than of careful book
 
 from __future__ import annotations
 
+import collections
 import secrets
 from typing import Any
 
@@ -66,6 +67,8 @@ class CorrelationTable:
         self._accepting = True
         self._whenEmpty: list[Deferred[None]] = []
         self.lateReplies = 0
+        self.accepted = 0
+        self.ended: collections.Counter[str] = collections.Counter()  # by outcome
         bus.listen(self)
 
     def __len__(self) -> int:
@@ -109,6 +112,7 @@ class CorrelationTable:
                                    callbackArgs=(entry,), errbackArgs=(entry,))
         entry.outcome.addErrback(self._sendFailed, entry)
         self._pending[entry.correlationId] = entry
+        self.accepted += 1
         self._byConnection.setdefault(connection.connectionId, {})[frame.requestId] = entry
         entry.timer = self._clock.callLater(timeoutMs / 1000, self._expire, entry)
 
@@ -277,6 +281,7 @@ class CorrelationTable:
         if entry.timer is not None and entry.timer.active():
             entry.timer.cancel()
         entry.timer = None
+        self.ended[result.code if isinstance(result, RelaybusError) else "response"] += 1
         if isinstance(result, RelaybusError):
             entry.outcome.errback(Failure(result))
         else:

@@ -20,6 +20,7 @@ MAX_REQUEST_ID_LENGTH = 128
 MAX_REQUEST_TYPE_LENGTH = 128
 MAX_LOG_MESSAGE_LENGTH = 8192
 MAX_LOG_CONTEXT_BYTES = 16384
+MAX_LOG_ENTRIES_PER_FRAME = 50
 LOG_LEVELS = ("debug", "info", "warn", "error")
 
 _REQUEST_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*\Z")
@@ -51,11 +52,18 @@ class CancelFrame:
 
 
 @attrs.frozen
-class ClientLogFrame:
+class ClientLogEntry:
     level: str
     message: str
     context: dict[str, Any] | None = None
     timestamp: float | None = None
+
+
+@attrs.frozen
+class ClientLogFrame:
+    """One `client-log` frame: a single entry, or a batch of up to MAX_LOG_ENTRIES_PER_FRAME."""
+
+    entries: tuple[ClientLogEntry, ...]
 
 
 ClientFrame = RequestFrame | CancelFrame | ClientLogFrame
@@ -128,6 +136,20 @@ def _parseRequest(frame: dict[str, Any]) -> RequestFrame:
 
 
 def _parseClientLog(frame: dict[str, Any]) -> ClientLogFrame:
+    if "entries" not in frame:
+        return ClientLogFrame((_parseClientLogEntry(frame),))
+    entries = frame["entries"]
+    if (not isinstance(entries, list)
+            or not 1 <= len(entries) <= MAX_LOG_ENTRIES_PER_FRAME):
+        raise FrameError("client-log entries must be a list of 1.."
+                         f"{MAX_LOG_ENTRIES_PER_FRAME} entries")
+    if not all(isinstance(entry, dict) for entry in entries):
+        raise FrameError("client-log entries must be objects")
+    # All or nothing: a batch with one bad entry is refused whole, so the error is unambiguous.
+    return ClientLogFrame(tuple(_parseClientLogEntry(entry) for entry in entries))
+
+
+def _parseClientLogEntry(frame: dict[str, Any]) -> ClientLogEntry:
     level = frame.get("level")
     if level not in LOG_LEVELS:
         raise FrameError(f"client-log level must be one of {', '.join(LOG_LEVELS)}")
@@ -145,7 +167,7 @@ def _parseClientLog(frame: dict[str, Any]) -> ClientLogFrame:
     if timestamp is not None and (
             isinstance(timestamp, bool) or not isinstance(timestamp, int | float)):
         raise FrameError("client-log timestamp must be a number (milliseconds since the epoch)")
-    return ClientLogFrame(level, message, context, timestamp)
+    return ClientLogEntry(level, message, context, timestamp)
 
 
 def parseClientFrame(data: bytes, isBinary: bool) -> ClientFrame:

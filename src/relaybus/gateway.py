@@ -1,25 +1,31 @@
 """The WebSocket edge: frames from clients into the correlation table, frames back out.
 
-Mounted at /ws of a twisted.web Site, so health endpoints (and later metrics, the demo page)
-share the one port.
+Mounted at /ws of a twisted.web Site, so the health endpoints, the demo page and the browser
+library share the one port.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
+from pathlib import Path
 from typing import Any
 
+import attrs
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
 from twisted.logger import Logger
-from twisted.web.resource import Resource
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from relaybus.config import GatewayConfig
 from relaybus.correlation import CorrelationTable
+from relaybus.errors import ErrorCode, RelaybusError
 from relaybus.frames import (
     CancelFrame,
     ClientLogFrame,
@@ -36,17 +42,72 @@ log = Logger(namespace="relaybus.gateway")
 clientLog = Logger(namespace="relaybus.client")
 
 CLOSE_GOING_AWAY = 1001
+CLOSE_NOT_READING = 1008  # policy violation: the client let too much pile up unread
+LOG_DROP_NOTICE_INTERVAL_S = 1.0
+WEB_ROOT = Path(__file__).parent / "web"
 
 
-@implementer(IClientConnection)
+@attrs.define
+class TokenBucket:
+    """`rate` tokens a second, at most `burst` saved up; time from an injected clock."""
+
+    rate: float
+    burst: float
+    clock: IReactorTime
+    tokens: float = attrs.field(init=False)
+    refilledAt: float = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.tokens = self.burst
+        self.refilledAt = self.clock.seconds()
+
+    def take(self, wanted: int) -> int:
+        """Take up to `wanted` whole tokens; returns how many were granted."""
+        now = self.clock.seconds()
+        self.tokens = min(self.burst, self.tokens + (now - self.refilledAt) * self.rate)
+        self.refilledAt = now
+        granted = min(wanted, int(self.tokens))
+        self.tokens -= granted
+        return granted
+
+
+@implementer(IClientConnection, IPushProducer)
 class GatewayProtocol(WebSocketServerProtocol):
     factory: GatewayFactory
     connectionId: str = ""
+    # Set while the transport's write buffer is full: the client is not keeping up.
+    _sendPaused = False
+    _bytesQueuedWhilePaused = 0
 
     def onOpen(self) -> None:
         self.connectionId = secrets.token_urlsafe(12)
         self.factory.connections.add(self)
-        self.deliverFrame(helloFrame(self.connectionId, self.factory.config.limits.forHello()))
+        limits = self.factory.config.limits
+        self._logBucket = TokenBucket(limits.clientLogPerSecond, limits.clientLogBurst,
+                                      self.factory.clock)
+        self._logEntriesDropped = 0
+        self._lastDropNoticeAt: float | None = None
+        self._watchSendBuffer()
+        self.deliverFrame(helloFrame(self.connectionId, limits.forHello()))
+
+    def _watchSendBuffer(self) -> None:
+        """Become the transport's producer so a full write buffer tells us the client stalled.
+
+        twisted.web's HTTP channel registered itself for the upgrade request; it has no more
+        use for the transport (Autobahn took it over)."""
+        transport = IConsumer(self.transport)
+        transport.unregisterProducer()
+        transport.registerProducer(self, True)
+
+    def pauseProducing(self) -> None:
+        self._sendPaused = True
+
+    def resumeProducing(self) -> None:
+        self._sendPaused = False
+        self._bytesQueuedWhilePaused = 0
+
+    def stopProducing(self) -> None:
+        pass  # the connection is going away; onClose cleans up
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         try:
@@ -77,26 +138,72 @@ class GatewayProtocol(WebSocketServerProtocol):
             self.factory.table.connectionLost(self)
 
     def deliverFrame(self, frame: bytes) -> None:
-        if self.state == WebSocketProtocol.STATE_OPEN:
-            self.sendMessage(frame, isBinary=False)
+        if self.state != WebSocketProtocol.STATE_OPEN:
+            return
+        if self._sendPaused:
+            self._bytesQueuedWhilePaused += len(frame)
+            if self._bytesQueuedWhilePaused > self.factory.config.maxSendBufferBytes:
+                self._closeNotReading()
+                return
+        self.sendMessage(frame, isBinary=False)
+
+    def _closeNotReading(self) -> None:
+        """Bound what a stalled client costs: stop sending, end its requests, close with 1008.
+
+        The close frame waits behind the unread data, so Autobahn's close-handshake timeout
+        drops the TCP connection if the client never reads it."""
+        limit = self.factory.config.maxSendBufferBytes
+        log.warn("Closing {connectionId} ({peer}): over {limit} bytes queued unread",
+                 connectionId=self.connectionId, peer=escapeControlCharacters(str(self.peer)),
+                 limit=limit)
+        self.factory.slowClientsClosed += 1
+        self.sendCloseFrame(code=CLOSE_NOT_READING, isReply=False,
+                            reasonUtf8=f"over {limit} bytes queued unread".encode())
+        self.factory.table.connectionLost(self)
 
     def _recordClientLog(self, frame: ClientLogFrame) -> None:
-        level = {"debug": clientLog.debug, "info": clientLog.info, "warn": clientLog.warn,
-                 "error": clientLog.error}[frame.level]
-        level("[{connectionId} {peer}] {message}", connectionId=self.connectionId,
-              peer=escapeControlCharacters(str(self.peer)),
-              message=escapeControlCharacters(frame.message),
-              context=frame.context, clientTimestamp=frame.timestamp)
+        granted = self._logBucket.take(len(frame.entries))
+        peer = escapeControlCharacters(str(self.peer))
+        for entry in frame.entries[:granted]:
+            level = {"debug": clientLog.debug, "info": clientLog.info, "warn": clientLog.warn,
+                     "error": clientLog.error}[entry.level]
+            level("[{connectionId} {peer}] {message}", connectionId=self.connectionId,
+                  peer=peer, message=escapeControlCharacters(entry.message),
+                  context=entry.context, clientTimestamp=entry.timestamp)
+        self._logEntriesDropped += len(frame.entries) - granted
+        self.factory.clientLogEntriesDropped += len(frame.entries) - granted
+        if self._logEntriesDropped:
+            self._noticeDroppedLogEntries()
+
+    def _noticeDroppedLogEntries(self) -> None:
+        """Tell the client (and our log) about dropped entries, at most once a second."""
+        now = self.factory.clock.seconds()
+        if (self._lastDropNoticeAt is not None
+                and now - self._lastDropNoticeAt < LOG_DROP_NOTICE_INTERVAL_S):
+            return
+        self._lastDropNoticeAt = now
+        limits = self.factory.config.limits
+        dropped, self._logEntriesDropped = self._logEntriesDropped, 0
+        log.warn("Dropped {dropped} client-log entries from {connectionId} over its rate limit",
+                 dropped=dropped, connectionId=self.connectionId)
+        self.deliverFrame(errorFrame(None, RelaybusError(
+            ErrorCode.OVERLOADED,
+            f"client-log rate limit ({limits.clientLogPerSecond} entries/s, burst "
+            f"{limits.clientLogBurst}) exceeded: {dropped} entries dropped")))
 
 
 class GatewayFactory(WebSocketServerFactory):
     protocol = GatewayProtocol  # type: ignore[assignment]
 
-    def __init__(self, config: GatewayConfig, table: CorrelationTable) -> None:
+    def __init__(self, config: GatewayConfig, table: CorrelationTable,
+                 clock: IReactorTime) -> None:
         super().__init__()
         self.config = config
         self.table = table
+        self.clock = clock
         self.connections: set[GatewayProtocol] = set()
+        self.clientLogEntriesDropped = 0
+        self.slowClientsClosed = 0
         # One call with every option: setProtocolOptions resets what it is not given.
         self.setProtocolOptions(
             maxMessagePayloadSize=config.limits.maxMessageBytes,
@@ -142,17 +249,44 @@ class _Health(Resource):
         return b"not ready\n"
 
 
-class _Index(Resource):
+class _WebFile(Resource):
+    """One file of the demo page or the browser library, read on each request (they are small,
+    and a developer editing them sees the change on reload)."""
+
     isLeaf = True
+    contentTypes = {".html": b"text/html; charset=utf-8",
+                    ".js": b"text/javascript; charset=utf-8"}
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._path = path
 
     def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return b"relaybus gateway: WebSocket at /ws, protocol in docs/protocol.md\n"
+        request.setHeader(b"content-type", self.contentTypes[self._path.suffix])
+        request.setHeader(b"cache-control", b"no-cache")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        return self._path.read_bytes()
 
 
-def makeSite(factory: GatewayFactory, bus: IRequestBus, isDraining: Any) -> Site:
+class _BrowserLibrary(Resource):
+    """/client/NAME.js: the library's top-level modules only (not its tests or package files)."""
+
+    _MODULE_NAME = re.compile(rb"[A-Za-z][A-Za-z0-9_-]*\.js\Z")
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        module = WEB_ROOT / "client" / path.decode("ascii", "replace")
+        if self._MODULE_NAME.match(path) and module.is_file():
+            return _WebFile(module)
+        return notFound()
+
+
+def makeSite(factory: GatewayFactory, bus: IRequestBus, isDraining: Any,
+             metrics: Resource) -> Site:
     root = Resource()
-    root.putChild(b"", _Index())
+    root.putChild(b"metrics", metrics)
+    root.putChild(b"", _WebFile(WEB_ROOT / "index.html"))
+    root.putChild(b"demo.js", _WebFile(WEB_ROOT / "demo.js"))
+    root.putChild(b"client", _BrowserLibrary())
     root.putChild(b"ws", WebSocketResource(factory))
     root.putChild(b"healthz", _Health(lambda: True))
     root.putChild(b"readyz", _Health(lambda: bus.isReady() and not isDraining()))

@@ -104,6 +104,13 @@ class GatewayOptions(_EnvironmentOptions):
          "Deadline of a request that names none.", _positiveInt],
         ["max-timeout-ms", None, _LIMITS.maxTimeoutMs,
          "Longest deadline a request may ask for.", _positiveInt],
+        ["client-log-per-second", None, _LIMITS.clientLogPerSecond,
+         "client-log entries one connection may send per second.", _positiveInt],
+        ["client-log-burst", None, _LIMITS.clientLogBurst,
+         "client-log entries one connection may send in a burst.", _positiveInt],
+        ["max-send-buffer", None, _GATEWAY.maxSendBufferBytes,
+         "Bytes queued for a client that does not read before it is closed (1008).",
+         _positiveInt],
         ["auto-ping-interval", None, _GATEWAY.autoPingIntervalS,
          "Seconds between WebSocket pings.", _positiveFloat],
         ["auto-ping-timeout", None, _GATEWAY.autoPingTimeoutS,
@@ -128,7 +135,9 @@ class GatewayOptions(_EnvironmentOptions):
     def postOptions(self) -> None:
         _checkBroker(self["broker"])
         limits = Limits(self["max-message-bytes"], self["max-in-flight"],
-                        self["default-timeout-ms"], self["max-timeout-ms"])
+                        self["default-timeout-ms"], self["max-timeout-ms"],
+                        clientLogPerSecond=self["client-log-per-second"],
+                        clientLogBurst=self["client-log-burst"])
         if limits.defaultTimeoutMs > limits.maxTimeoutMs:
             raise usage.UsageError("--default-timeout-ms must not exceed --max-timeout-ms")
         self.config = GatewayConfig(
@@ -138,7 +147,8 @@ class GatewayOptions(_EnvironmentOptions):
             limits=limits, autoPingIntervalS=self["auto-ping-interval"],
             autoPingTimeoutS=self["auto-ping-timeout"],
             openHandshakeTimeoutS=self["open-handshake-timeout"],
-            drainTimeoutS=self["drain-timeout"], workerConcurrency=self["worker-concurrency"])
+            drainTimeoutS=self["drain-timeout"], workerConcurrency=self["worker-concurrency"],
+            maxSendBufferBytes=self["max-send-buffer"])
         _checkName("--gateway-id", self.config.gatewayId)
         _checkName("--amqp-prefix", self.config.amqpPrefix)
         _checkHandlers(list(self.config.inProcessHandlers))

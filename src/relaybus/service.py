@@ -6,12 +6,15 @@ then let the work in hand finish within the drain timeout, then close connection
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
 from relaybus.amqp import AmqpRequestBus, AmqpWorkerBus, Topology
@@ -20,6 +23,7 @@ from relaybus.correlation import CorrelationTable
 from relaybus.gateway import GatewayFactory, makeSite
 from relaybus.interfaces import IRequestBus
 from relaybus.memory import MemoryBus
+from relaybus.metrics import GatewayCollector, MetricsResource, gatewayRegistry
 from relaybus.worker import WorkerRuntime, registerHandlers
 
 log = Logger(namespace="relaybus.service")
@@ -29,6 +33,29 @@ def _defaultReactor() -> Any:
     from twisted.internet import reactor
 
     return reactor
+
+
+def exitZeroOnSigterm(reactor: Any = None) -> None:
+    """Make a drained SIGTERM stop exit with status 0.
+
+    twistd's own handler records the signal and re-raises it once the reactor has stopped, so
+    even a clean shutdown reports "killed by SIGTERM". SIGTERM is how systemd and operators ask
+    relaybus to stop; after the ordered drain that is a success, so we stop the reactor
+    without recording the signal. Installed after startup, when the reactor's handler is in.
+    """
+    reactor = reactor or _defaultReactor()
+
+    def stop() -> None:
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            pass  # a second SIGTERM during the drain
+
+    def onSigterm(signum: int, frame: FrameType | None) -> None:
+        reactor.callFromThread(stop)
+
+    reactor.addSystemEventTrigger(
+        "after", "startup", lambda: signal.signal(signal.SIGTERM, onSigterm))
 
 
 class GatewayService(MultiService):
@@ -66,8 +93,10 @@ class GatewayService(MultiService):
                 self.workers.append((runtime, workerBus))
         self.bus = bus
         self.table = CorrelationTable(bus, reactor, config.limits, config.gatewayId)
-        self.factory = GatewayFactory(config, self.table)
-        self.site = makeSite(self.factory, bus, lambda: self.draining)
+        self.factory = GatewayFactory(config, self.table, reactor)
+        metrics = MetricsResource(gatewayRegistry(
+            GatewayCollector(self.table, self.factory, bus, reactor)))
+        self.site = makeSite(self.factory, bus, lambda: self.draining, metrics)
         self.listener = strports.service(config.listen, self.site, reactor=reactor)
         self.listener.setServiceParent(self)
 

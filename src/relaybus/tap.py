@@ -3,10 +3,11 @@
 from twisted.application.service import IService
 
 from relaybus.options import GatewayOptions as Options
-from relaybus.service import GatewayService
+from relaybus.service import GatewayService, exitZeroOnSigterm
 
 
 def makeService(options: Options) -> IService:
+    exitZeroOnSigterm()
     return GatewayService(options.config)
 
 

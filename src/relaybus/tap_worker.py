@@ -3,10 +3,11 @@
 from twisted.application.service import IService
 
 from relaybus.options import WorkerOptions as Options
-from relaybus.service import WorkerService
+from relaybus.service import WorkerService, exitZeroOnSigterm
 
 
 def makeService(options: Options) -> IService:
+    exitZeroOnSigterm()
     return WorkerService(options.config)
 
 

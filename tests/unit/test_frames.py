@@ -13,10 +13,12 @@ from relaybus import frames
 from relaybus.errors import ErrorCode, RelaybusError
 from relaybus.frames import (
     MAX_LOG_CONTEXT_BYTES,
+    MAX_LOG_ENTRIES_PER_FRAME,
     MAX_LOG_MESSAGE_LENGTH,
     MAX_REQUEST_ID_LENGTH,
     MAX_REQUEST_TYPE_LENGTH,
     CancelFrame,
+    ClientLogEntry,
     ClientLogFrame,
     FrameError,
     RequestFrame,
@@ -110,17 +112,18 @@ def test_cancel() -> None:
 def test_client_log_full() -> None:
     frame = parse(clientLog(level="warn", message="retrying", context={"page": "/upload"},
                             timestamp=1764143100123))
-    assert frame == ClientLogFrame("warn", "retrying", {"page": "/upload"}, 1764143100123)
+    assert frame == ClientLogFrame(
+        (ClientLogEntry("warn", "retrying", {"page": "/upload"}, 1764143100123),))
 
 
 @pytest.mark.parametrize("level", ["debug", "info", "warn", "error"])
 def test_client_log_levels(level: str) -> None:
-    assert parse(clientLog(level=level)) == ClientLogFrame(level, "hello")
+    assert parse(clientLog(level=level)) == ClientLogFrame((ClientLogEntry(level, "hello"),))
 
 
 @pytest.mark.parametrize("timestamp", [0, 1.5, -3, 1764143100123.25])
 def test_client_log_timestamp_numbers(timestamp: float) -> None:
-    assert parse(clientLog(timestamp=timestamp)).timestamp == timestamp
+    assert parse(clientLog(timestamp=timestamp)).entries[0].timestamp == timestamp
 
 
 def test_client_log_limits_are_inclusive() -> None:
@@ -128,12 +131,36 @@ def test_client_log_limits_are_inclusive() -> None:
     # {"k":"xxx..."} is exactly MAX_LOG_CONTEXT_BYTES bytes once encoded compactly
     context = {"k": "x" * (MAX_LOG_CONTEXT_BYTES - len('{"k":""}'))}
     assert len(encodeJSON(context)) == MAX_LOG_CONTEXT_BYTES
-    frame = parse(clientLog(message=message, context=context))
-    assert frame.message == message and frame.context == context
+    [entry] = parse(clientLog(message=message, context=context)).entries
+    assert entry.message == message and entry.context == context
 
 
 def test_client_log_empty_message_is_allowed() -> None:
-    assert parse(clientLog(message="")).message == ""
+    assert parse(clientLog(message="")).entries[0].message == ""
+
+
+def test_client_log_batch_keeps_entry_order() -> None:
+    entries = [{"level": "info", "message": f"m{i}", "timestamp": i}
+               for i in range(MAX_LOG_ENTRIES_PER_FRAME)]
+    frame = parse({"type": "client-log", "entries": entries})
+    assert [e.message for e in frame.entries] == [f"m{i}" for i in range(len(entries))]
+    assert frame.entries[3] == ClientLogEntry("info", "m3", None, 3)
+
+
+@pytest.mark.parametrize("entries", [
+    pytest.param([], id="empty"),
+    pytest.param([{"level": "info", "message": "m"}] * (MAX_LOG_ENTRIES_PER_FRAME + 1),
+                 id="too-many"),
+    pytest.param({"level": "info", "message": "m"}, id="object-not-list"),
+    pytest.param(None, id="null"),
+    pytest.param(["info"], id="entry-not-object"),
+    pytest.param([{"level": "info", "message": "m"}, {"level": "loud", "message": "m"}],
+                 id="one-bad-entry"),
+])
+def test_bad_client_log_batch_is_refused_whole(entries: Any) -> None:
+    error = refusedFrame({"type": "client-log", "entries": entries})
+    assert error.requestId is None
+    assert "client-log" in error.message
 
 
 def test_unicode_text_frame_bytes() -> None:

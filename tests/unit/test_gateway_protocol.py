@@ -20,7 +20,7 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from workers.examples import EchoHandler
 
@@ -137,15 +137,15 @@ class Client:
 
 
 class Gateway:
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, **config: Any) -> None:
         self.clock = clock
-        self.config = GatewayConfig(gatewayId="gw-test", limits=LIMITS)
+        self.config = GatewayConfig(gatewayId="gw-test", limits=LIMITS, **config)
         self.bus = MemoryBus(clock)
         self.bus.startService()
         self.runtime = WorkerRuntime(self.bus, {"echo": EchoHandler()}, clock)
         self.runtime.startService()
         self.table = CorrelationTable(self.bus, clock, LIMITS, "gw-test")
-        self.factory = GatewayFactory(self.config, self.table)
+        self.factory = GatewayFactory(self.config, self.table, clock)
 
     def connect(self) -> Client:
         client = Client(self.factory)
@@ -170,7 +170,9 @@ def test_hello_frame_first_on_open(gw: Gateway) -> None:
     [hello] = client.messages()
     assert hello["type"] == "hello" and hello["protocol"] == 1
     assert hello["limits"] == {"maxMessageBytes": 4096, "maxInFlight": 5,
-                               "defaultTimeoutMs": 2000, "maxTimeoutMs": 10_000}
+                               "defaultTimeoutMs": 2000, "maxTimeoutMs": 10_000,
+                               "clientLogPerSecond": 20, "clientLogBurst": 100,
+                               "maxLogEntriesPerFrame": 50}
     assert hello["connectionId"] == client.protocol.connectionId != ""
     assert client.protocol in gw.factory.connections
     assert client.isOpen
@@ -252,6 +254,129 @@ def test_client_log_is_logged_escaped_and_answers_nothing(gw: Gateway) -> None:
     assert event["context"] == {"page": "/"}
     assert event["connectionId"] == client.protocol.connectionId
     assert event["log_level"].name == "warn"
+
+
+class ClientLogEvents:
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def __enter__(self) -> ClientLogEvents:
+        globalLogPublisher.addObserver(self.events.append)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        globalLogPublisher.removeObserver(self.events.append)
+
+    def messages(self) -> list[str]:
+        """What clients logged (the `message` field, as escaped by the gateway)."""
+        return [e["message"] for e in self.events if e.get("log_namespace") == "relaybus.client"]
+
+    def gatewayLines(self) -> list[str]:
+        return [formatEvent(e) for e in self.events
+                if e.get("log_namespace") == "relaybus.gateway"]
+
+
+def logBatch(*messages: str) -> dict[str, Any]:
+    return {"type": "client-log",
+            "entries": [{"level": "info", "message": m} for m in messages]}
+
+
+def test_client_log_batch_records_every_entry_in_order(gw: Gateway) -> None:
+    client = gw.connect()
+    client.messages()
+    with ClientLogEvents() as log:
+        client.sendJSON(logBatch("one", "two\nthree"))
+    assert log.messages() == ["one", "two\\x0athree"]
+    assert client.messages() == []
+
+
+def test_client_log_over_the_rate_is_dropped_with_one_notice_a_second(gw: Gateway) -> None:
+    client = gw.connect()
+    client.messages()
+    with ClientLogEvents() as log:
+        for batch in range(3):  # 150 entries against a burst of 100
+            client.sendJSON(logBatch(*(f"b{batch}-{i}" for i in range(50))))
+        assert len(log.messages()) == 100
+        [notice] = client.messages()
+        assert notice["requestId"] is None and notice["error"]["code"] == "overloaded"
+        assert "50 entries dropped" in notice["error"]["message"]
+        assert any("Dropped" in m for m in log.gatewayLines())
+
+        client.sendJSON(logBatch("still over"))
+        assert client.messages() == []  # no second notice within the second...
+        gw.clock.advance(1.0)  # ...which also refills 20 tokens
+        client.sendJSON(logBatch(*(f"later-{i}" for i in range(21))))
+    [notice] = client.messages()
+    # the entry dropped earlier is reported with the one dropped now
+    assert "2 entries dropped" in notice["error"]["message"]
+    assert len(log.messages()) == 120 and log.messages()[-1] == "later-19"
+    assert client.isOpen
+
+
+def test_client_log_rate_is_per_connection(gw: Gateway) -> None:
+    noisy, quiet = gw.connect(), gw.connect()
+    noisy.messages(), quiet.messages()
+    with ClientLogEvents() as log:
+        for _ in range(3):
+            noisy.sendJSON(logBatch(*(["noise"] * 50)))
+        quiet.sendJSON(logBatch("heard"))
+    assert "heard" in log.messages()
+    assert quiet.messages() == []
+
+
+def test_the_gateway_is_the_transports_producer(gw: Gateway) -> None:
+    client = gw.connect()
+    assert client.transport.producer is client.protocol and client.transport.streaming
+
+
+def fillSlowReader(gw: Gateway, frames: int, frameBytes: int) -> Client:
+    """A client whose transport said "stop": the gateway queues `frames` echo replies."""
+    client = gw.connect()
+    client.messages()
+    client.protocol.pauseProducing()
+    for i in range(frames):
+        client.sendJSON({"type": "request", "requestId": f"r-{i}", "requestType": "echo",
+                         "payload": "x" * frameBytes})
+    gw.settle()
+    return client
+
+
+def test_a_client_that_does_not_read_is_closed_with_1008_past_the_cap(clock: Clock) -> None:
+    gw = Gateway(clock, maxSendBufferBytes=10_000)
+    slow: list[Any] = []
+    gw.bus.serve(["slow"], _Recorder(slow), 10)
+    client = gw.connect()
+    client.messages()
+    client.sendJSON({"type": "request", "requestId": "pending", "requestType": "slow"})
+    gw.settle()
+    client.protocol.pauseProducing()
+    with ClientLogEvents() as log:
+        for i in range(4):  # 4 replies of about 3,000 bytes: the fourth crosses 10,000
+            client.sendJSON({"type": "request", "requestId": f"r-{i}", "requestType": "echo",
+                             "payload": "x" * 3000})
+            gw.settle()
+    frames = client.frames()
+    assert [op for op, _ in frames] == [OPCODE_TEXT] * 3 + [OPCODE_CLOSE]
+    assert struct.unpack("!H", frames[-1][1][:2])[0] == 1008
+    # its requests end at once (the worker is told), nothing more is queued for it
+    assert len(gw.table) == 0
+    assert [n.reason for n in _Recorder.cancels(slow)] == ["disconnected"]
+    client.protocol.deliverFrame(b'{"type":"response"}')
+    assert client.frames() == []
+    assert any("unread" in m for m in log.gatewayLines())
+
+
+def test_a_client_that_catches_up_starts_a_fresh_count(clock: Clock) -> None:
+    gw = Gateway(clock, maxSendBufferBytes=10_000)
+    client = fillSlowReader(gw, frames=3, frameBytes=3000)
+    client.protocol.resumeProducing()
+    client.protocol.pauseProducing()
+    for i in range(3):
+        client.sendJSON({"type": "request", "requestId": f"again-{i}", "requestType": "echo",
+                         "payload": "x" * 3000})
+    gw.settle()
+    assert [op for op, _ in client.frames()] == [OPCODE_TEXT] * 6
+    assert client.isOpen
 
 
 def test_message_over_the_limit_ends_the_connection(gw: Gateway) -> None:

@@ -56,7 +56,7 @@ def _workerStream() -> Any:
 def _gatewayProtocol() -> GatewayProtocol:
     config = GatewayConfig(gatewayId="gw-test")
     table = CorrelationTable(FakeRequestBus(), Clock(), config.limits, config.gatewayId)
-    protocol = GatewayFactory(config, table).buildProtocol(None)
+    protocol = GatewayFactory(config, table, Clock()).buildProtocol(None)
     assert isinstance(protocol, GatewayProtocol)
     return protocol
 

@@ -1,0 +1,80 @@
+"""/metrics in the Prometheus text format: enough to see, from outside the process, that every
+request ends and nothing piles up (the leak checks of tests/ and the soak read it too)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from relaybus.correlation import CorrelationTable
+from relaybus.gateway import GatewayFactory
+from relaybus.interfaces import IRequestBus
+
+
+class GatewayCollector:
+    """Reads the live state at scrape time, so the numbers cannot drift from the truth."""
+
+    def __init__(self, table: CorrelationTable, factory: GatewayFactory, bus: IRequestBus,
+                 reactor: IReactorTime) -> None:
+        self._table = table
+        self._factory = factory
+        self._bus = bus
+        self._reactor = reactor
+
+    def collect(self) -> Iterator[Metric]:
+        table, factory = self._table, self._factory
+        yield GaugeMetricFamily("relaybus_connections", "Open WebSocket connections.",
+                                value=len(factory.connections))
+        yield GaugeMetricFamily("relaybus_requests_in_flight",
+                                "Accepted requests still waiting for their terminal frame.",
+                                value=len(table))
+        yield CounterMetricFamily("relaybus_requests_accepted",
+                                  "Requests accepted into the correlation table.",
+                                  value=table.accepted)
+        ended = CounterMetricFamily("relaybus_requests_ended",
+                                    "Accepted requests ended, by outcome (response or error code).",
+                                    labels=["outcome"])
+        for outcome, count in sorted(table.ended.items()):
+            ended.add_metric([outcome], count)
+        yield ended
+        yield CounterMetricFamily("relaybus_late_replies",
+                                  "Replies for requests that had already ended (dropped).",
+                                  value=table.lateReplies)
+        yield CounterMetricFamily("relaybus_client_log_entries_dropped",
+                                  "client-log entries dropped over a connection's rate limit.",
+                                  value=factory.clientLogEntriesDropped)
+        yield CounterMetricFamily("relaybus_slow_clients_closed",
+                                  "Connections closed (1008) for leaving too much unread.",
+                                  value=factory.slowClientsClosed)
+        yield GaugeMetricFamily("relaybus_broker_ready", "1 while requests can be published.",
+                                value=1 if self._bus.isReady() else 0)
+        yield GaugeMetricFamily("relaybus_reactor_delayed_calls",
+                                "Timers pending in the reactor (a timer leak shows here).",
+                                value=len(self._reactor.getDelayedCalls()))
+
+
+def gatewayRegistry(collector: GatewayCollector) -> CollectorRegistry:
+    """A registry of our own (not the global one), so several gateways can share a process."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(collector)
+    ProcessCollector(registry=registry)  # process_resident_memory_bytes and friends
+    return registry
+
+
+class MetricsResource(Resource):
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request: Request) -> Any:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self._registry)
