@@ -294,6 +294,17 @@ class GatewayProcess(ServiceProcess):
         except urllib.error.HTTPError as e:
             return int(e.code)
 
+    def metrics(self) -> dict[str, float]:
+        """/metrics as {"name{labels}": value}, e.g. m["relaybus_requests_in_flight"]."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            text = r.read().decode("utf-8")
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
+
     def waitUntilReady(self, timeout: float = 20.0) -> GatewayProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -74,6 +74,15 @@ def waitUntil(condition: Callable[[], Any], what: str, timeout: float = LOG_TIME
         time.sleep(interval)
 
 
+def portRefuses(port: int) -> bool:
+    """True once nothing listens on the port (a stopped gateway)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return False
+    except OSError:
+        return True
+
+
 # RabbitMQ
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import portRefuses
 from relaybus.testing import GatewayProcess, ServiceProcess, freePort, twistdCommand
 
 pytestmark = [pytest.mark.processes]
@@ -26,14 +27,6 @@ def waitForCleanExit(process: ServiceProcess, timeout: float = 30) -> int:
     assert code == 0, f"{process.name} exited {code}:\n{process.log[-5000:]}"
     assert "Server Shut Down." in process.log, process.log[-5000:]
     return code
-
-
-def portRefuses(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return False
-    except OSError:
-        return True
 
 
 
