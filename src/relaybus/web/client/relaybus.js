@@ -1,0 +1,25 @@
+/**
+ * The relaybus browser client: `import { createClient, makeBackendRequest, createLogger,
+ * RelaybusError } from "/client/relaybus.js"`. See docs/client-js.md.
+ */
+
+export { ErrorCode, RelaybusError } from "./errors.js";
+export {
+  CLIENT_DEFAULTS,
+  createClient,
+  RelaybusClient,
+  State,
+} from "./websocketClient.js";
+export {
+  BackendRequest,
+  makeBackendRequest,
+  REQUEST_DEFAULTS,
+} from "./backendRequest.js";
+export {
+  createLogger,
+  LOG_LEVELS,
+  LOGGER_DEFAULTS,
+  MAX_LOG_CONTEXT_BYTES,
+  MAX_LOG_MESSAGE_LENGTH,
+  RelaybusLogger,
+} from "./logger.js";
