@@ -50,6 +50,8 @@ class GatewayConfig:
     # What a client that stops reading may cost: bytes queued for it beyond Twisted's own
     # 64 KiB write buffer before the gateway closes it with 1008.
     maxSendBufferBytes: int = 4 * MiB
+    # Every connection costs memory whatever it does: the cap on them (HTTP 503 beyond).
+    maxConnections: int = 50_000
 
     @property
     def inMemory(self) -> bool:

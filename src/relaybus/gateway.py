@@ -15,6 +15,7 @@ import attrs
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
 from twisted.logger import Logger
@@ -78,6 +79,17 @@ class GatewayProtocol(WebSocketServerProtocol):
     # Set while the transport's write buffer is full: the client is not keeping up.
     _sendPaused = False
     _bytesQueuedWhilePaused = 0
+    _admitted = False
+
+    def onConnect(self, request: ConnectionRequest) -> None:
+        """Admit the handshake while under --max-connections (counting handshakes in progress,
+        so a burst cannot overshoot); refuse with HTTP 503 beyond it."""
+        factory = self.factory
+        if factory.admitted >= factory.config.maxConnections:
+            factory.connectionsRefused += 1
+            raise ConnectionDeny(503, "the gateway is at its connection limit")
+        factory.admitted += 1
+        self._admitted = True
 
     def onOpen(self) -> None:
         self.connectionId = secrets.token_urlsafe(12)
@@ -133,6 +145,9 @@ class GatewayProtocol(WebSocketServerProtocol):
             self._recordClientLog(frame)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._admitted:
+            self._admitted = False
+            self.factory.admitted -= 1
         if self.connectionId:
             self.factory.connections.discard(self)
             self.factory.table.connectionLost(self)
@@ -202,6 +217,8 @@ class GatewayFactory(WebSocketServerFactory):
         self.table = table
         self.clock = clock
         self.connections: set[GatewayProtocol] = set()
+        self.admitted = 0  # connections open or in their handshake
+        self.connectionsRefused = 0
         self.clientLogEntriesDropped = 0
         self.slowClientsClosed = 0
         # One call with every option: setProtocolOptions resets what it is not given.

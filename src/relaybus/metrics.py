@@ -32,6 +32,9 @@ class GatewayCollector:
         table, factory = self._table, self._factory
         yield GaugeMetricFamily("relaybus_connections", "Open WebSocket connections.",
                                 value=len(factory.connections))
+        yield CounterMetricFamily("relaybus_connections_refused",
+                                  "WebSocket handshakes refused at --max-connections (503).",
+                                  value=factory.connectionsRefused)
         yield GaugeMetricFamily("relaybus_requests_in_flight",
                                 "Accepted requests still waiting for their terminal frame.",
                                 value=len(table))

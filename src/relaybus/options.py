@@ -108,6 +108,8 @@ class GatewayOptions(_EnvironmentOptions):
          "client-log entries one connection may send per second.", _positiveInt],
         ["client-log-burst", None, _LIMITS.clientLogBurst,
          "client-log entries one connection may send in a burst.", _positiveInt],
+        ["max-connections", None, _GATEWAY.maxConnections,
+         "WebSocket connections at once (more get HTTP 503).", _positiveInt],
         ["max-send-buffer", None, _GATEWAY.maxSendBufferBytes,
          "Bytes queued for a client that does not read before it is closed (1008).",
          _positiveInt],
@@ -148,7 +150,8 @@ class GatewayOptions(_EnvironmentOptions):
             autoPingTimeoutS=self["auto-ping-timeout"],
             openHandshakeTimeoutS=self["open-handshake-timeout"],
             drainTimeoutS=self["drain-timeout"], workerConcurrency=self["worker-concurrency"],
-            maxSendBufferBytes=self["max-send-buffer"])
+            maxSendBufferBytes=self["max-send-buffer"],
+            maxConnections=self["max-connections"])
         _checkName("--gateway-id", self.config.gatewayId)
         _checkName("--amqp-prefix", self.config.amqpPrefix)
         _checkHandlers(list(self.config.inProcessHandlers))

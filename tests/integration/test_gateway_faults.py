@@ -22,7 +22,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Frame, Opcode
 from websockets.sync.client import connect as wsConnect
 
@@ -290,3 +290,18 @@ def test_a_gone_gateways_reply_queue_expires_and_no_request_outlives_its_deadlin
                   timeout=20)
     finally:
         broker.ctl("clear_policy", "-p", broker.vhost, policy)
+
+
+# Too many connections
+
+
+def test_connections_beyond_the_cap_get_503_and_the_rest_are_served(makeStack, connect):
+    stack = makeStack("rabbitmq", ["--max-connections", "3"])
+    clients = [connect(stack) for _ in range(3)]
+    with pytest.raises(InvalidStatus) as refused:
+        connect(stack)
+    assert refused.value.response.status_code == 503
+    assert all(c.call("echo", i).data == i for i, c in enumerate(clients))
+    clients[0].close()
+    assert connect(stack).call("echo", "room again").data == "room again"
+    assert stack.gateway.metrics()["relaybus_connections_refused_total"] == 1

@@ -379,6 +379,27 @@ def test_a_client_that_catches_up_starts_a_fresh_count(clock: Clock) -> None:
     assert client.isOpen
 
 
+def test_connections_over_the_cap_are_refused_with_503_until_one_closes(clock: Clock) -> None:
+    gw = Gateway(clock, maxConnections=2)
+    first, _second = gw.connect(), gw.connect()
+    third = Client(gw.factory)
+    assert third.handshake().startswith(b"HTTP/1.1 503 ")
+    assert gw.factory.connectionsRefused == 1 and gw.factory.admitted == 2
+    third.protocol.connectionLost(Failure(ConnectionResetError()))
+    assert gw.factory.admitted == 2  # a refused handshake was never counted
+    first.protocol.connectionLost(Failure(ConnectionResetError()))
+    assert gw.factory.admitted == 1
+    assert gw.connect().isOpen
+
+
+def test_handshakes_in_progress_count_toward_the_cap(clock: Clock) -> None:
+    gw = Gateway(clock, maxConnections=1)
+    halfway = Client(gw.factory)
+    halfway.protocol.onConnect(None)  # type: ignore[arg-type]  # admitted, not yet open
+    refused = Client(gw.factory)
+    assert refused.handshake().startswith(b"HTTP/1.1 503 ")
+
+
 def test_message_over_the_limit_ends_the_connection(gw: Gateway) -> None:
     client = gw.connect()
     client.messages()
