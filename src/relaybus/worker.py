@@ -179,7 +179,8 @@ class WorkerRuntime(Service):
             self._refuse(delivery, ErrorCode.HANDLER_ERROR,
                          f"this worker does not serve {message.requestType!r}")
             return
-        if message.deadline <= self._clock.seconds():
+        now = self._clock.seconds()  # read once: a deadline between two reads broke callLater
+        if message.deadline <= now:
             log.info("Skipped {correlationId}: its deadline passed while queued",
                      correlationId=message.correlationId)
             self._settle(delivery, requeue=False)
@@ -203,7 +204,7 @@ class WorkerRuntime(Service):
         running = _Running(delivery, _Stream(self, delivery))
         self._running[message.correlationId] = running
         running.deadlineTimer = self._clock.callLater(
-            message.deadline - self._clock.seconds(), self._abandon, running,
+            message.deadline - now, self._abandon, running,
             "the request's deadline passed", False, ErrorCode.TIMEOUT)
         running.work = _call(handler, request, running.stream)
         running.work.addBoth(self._handlerEnded, running)

@@ -366,6 +366,34 @@ def test_delivery_whose_deadline_passed_is_acked_and_not_run(w: Worker,
     w.assertIdle()
 
 
+class TickingClock(Clock):
+    """A clock that moves on a microsecond each time it is read, as the reactor's does, and
+    refuses a negative delay, as the reactor's callLater does."""
+
+    def seconds(self) -> float:
+        self.rightNow += 1e-6
+        return self.rightNow
+
+    def callLater(self, delay: float, callable: Any, *args: Any, **kw: Any) -> Any:
+        assert delay >= 0, f"{delay} is not greater than or equal to 0 seconds"
+        return super().callLater(delay, callable, *args, **kw)
+
+
+def test_deadline_passing_between_two_reads_of_the_clock_still_ends_the_request() -> None:
+    # Found by benchmarks/soak.py: the deadline was checked against one reading of the clock
+    # and the timer set from another, so a deadline between the two made callLater refuse a
+    # negative delay, and the delivery stayed unacked with no reply.
+    clock = TickingClock()
+    clock.advance(START)
+    bus = FakeWorkerBus()
+    handler = FakeRequestHandler("fake")
+    WorkerRuntime(bus, {"fake": handler}, clock).startService()
+    bus.deliver(requestMessage("c-1", "fake", deadline=clock.rightNow + 1.5e-6))
+    clock.advance(1)
+    assert [str(r.kind) for r in bus.repliesFor("c-1")] == ["error"]
+    assert bus.settled == {"c-1": "ack"}
+
+
 def test_handler_without_a_canceller_is_still_ended_at_the_deadline() -> None:
     @implementer(IRequestHandler)
     class Stubborn:  # its Deferreds have no canceller
