@@ -237,10 +237,18 @@ export class RelaybusClient extends EventTarget {
     socket.addEventListener("close", (event) => {
       if (this._socket === socket) this._socketGone(event.code, event.reason);
     });
+    // Browsers follow an error with a close; Node 20's WebSocket does not when the connection
+    // is refused. Either way the socket is done: its close event, if any, is ignored.
+    // (Forget the socket before closing it: Node's close() fires `error` again, synchronously.)
+    socket.addEventListener("error", () => {
+      if (this._socket !== socket) return;
+      this._socketGone(1006, "the connection failed");
+      if (socket.readyState <= 1 /* CONNECTING or OPEN */) socket.close();
+    });
     this._helloTimer = setTimeout(() => {
       if (this._socket !== socket) return;
-      socket.close();
       this._socketGone(null, `no hello from the gateway within ${this.options.connectTimeoutMs} ms`);
+      socket.close();
     }, this.options.connectTimeoutMs);
   }
 

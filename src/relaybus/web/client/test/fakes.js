@@ -45,7 +45,10 @@ export class FakeWebSocket extends EventTarget {
 
   close(code = 1000, reason = "") {
     if (this.readyState >= FakeWebSocket.CLOSING) return;
+    const connecting = this.readyState === FakeWebSocket.CONNECTING;
     this.readyState = FakeWebSocket.CLOSING;
+    // As Node's WebSocket does: closing before the open fails the connection, at once.
+    if (connecting) this.dispatchEvent(new Event("error"));
     this.closedWith = { code, reason };
     queueMicrotask(() => this.drop(code, reason));
   }
@@ -74,6 +77,11 @@ export class FakeWebSocket extends EventTarget {
     const event = new Event("close");
     Object.assign(event, { code, reason, wasClean: code !== 1006 });
     this.dispatchEvent(event);
+  }
+
+  /** The connection failed: an error event, without the close event browsers add. */
+  fail() {
+    this.dispatchEvent(new Event("error"));
   }
 
   sentOfType(type) {

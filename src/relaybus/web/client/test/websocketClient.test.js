@@ -86,6 +86,18 @@ describe("connecting", () => {
     client.close();
   });
 
+  test("a socket that never opens is given up after connectTimeoutMs, once", () => {
+    const { client, sockets, socket } = fakeClient({ connectTimeoutMs: 3000, random: () => 1 });
+    const reasons = [];
+    client.addEventListener("reconnecting", (event) => reasons.push(event.detail.reason));
+    mock.timers.tick(3000);
+    assert.deepEqual(reasons, ["no hello from the gateway within 3000 ms"]);
+    assert.equal(socket().readyState, FakeWebSocket.CLOSING);
+    mock.timers.tick(250);
+    assert.equal(sockets.length, 2);
+    client.close();
+  });
+
   test("an unknown jitter and a missing WebSocket are refused at once", () => {
     assert.throws(() => createClient("ws://x/ws", { WebSocket: FakeWebSocket.fresh(),
       jitter: "some" }), TypeError);
@@ -176,6 +188,20 @@ describe("reconnecting", () => {
     assert.equal(sockets.length, 2);
     mock.timers.tick(5000);
     assert.equal(sockets.length, 2, "the skipped timer does not open another");
+    client.close();
+  });
+
+  test("an error event ends the attempt even when no close event follows", () => {
+    const { client, sockets, socket } = fakeClient({ random: () => 1 });
+    const details = [];
+    client.addEventListener("reconnecting", (event) => details.push(event.detail));
+    socket().fail();
+    assert.equal(client.state, State.RECONNECTING);
+    assert.equal(details.length, 1, "one drop, however many error events closing it fires");
+    assert.equal(details[0].code, 1006);
+    assert.equal(sockets[0].readyState, FakeWebSocket.CLOSING, "closed on our side");
+    mock.timers.tick(250);
+    assert.equal(sockets.length, 2);
     client.close();
   });
 
