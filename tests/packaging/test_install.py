@@ -48,6 +48,15 @@ def test_wheel_ships_the_plugin_without_a_cache(wheel: Path) -> None:
     assert not [name for name in names if name.startswith("workers/node")]
 
 
+def test_wheel_ships_the_demo_page_and_browser_library_but_not_their_tests(wheel: Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"relaybus/web/index.html", "relaybus/web/demo.js",
+            "relaybus/web/client/relaybus.js", "relaybus/web/client/package.json"} <= names
+    assert not [name for name in names
+                if name.startswith(("relaybus/web/client/test/",
+                                    "relaybus/web/client/node_modules/"))]
+
+
 def test_installed_wheel_registers_both_twistd_commands(wheel: Path, tmp_path: Path) -> None:
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
