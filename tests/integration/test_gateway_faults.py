@@ -262,8 +262,7 @@ def test_requests_over_the_in_flight_cap_are_refused_at_once_and_the_rest_served
 # Nothing left on the broker
 
 
-def test_a_gone_gateways_reply_queue_expires_and_no_request_outlives_its_deadline(
-        makeStack, broker, connect, waitUntil):
+def test_a_gone_gateways_reply_queue_expires(makeStack, broker, waitUntil):
     gatewayId = f"gw-gone-{os.urandom(3).hex()}"
     stack = makeStack("rabbitmq", ["--gateway-id", gatewayId])
     replyQueue = f"{stack.prefix}replies.{gatewayId}"
@@ -272,19 +271,11 @@ def test_a_gone_gateways_reply_queue_expires_and_no_request_outlives_its_deadlin
     [declared] = [q["arguments"] for q in arguments if q["name"] == replyQueue]
     # the contract's value (name, AMQP type, value); the mechanism is proven quicker below
     assert {name: value for name, _type, value in declared} == {"x-expires": 60000}
-    # A request whose queue nobody consumes: it must not outlive its deadline on the broker.
-    stack.workers[0].stop()
-    client = connect(stack)
-    assert client.collect(client.request("echo", "nobody home", timeoutMs=1000)).code == "timeout"
-    requestQueue = f"{stack.prefix}requests.echo"
-    waitUntil(lambda: broker.queues()[requestQueue]["messages"] == 0,
-              "the expired request to leave the queue", timeout=10)
     # The policy's lower expiry wins over x-expires: the same mechanism, in seconds not a minute.
     policy = f"expire-{stack.prefix}"
     broker.ctl("set_policy", "-p", broker.vhost, "--apply-to", "queues", policy,
                f"^{re.escape(stack.prefix)}replies\\.", '{"expires": 1000}')
     try:
-        client.close()
         stack.gateway.stop()
         waitUntil(lambda: replyQueue not in broker.queues(), "the reply queue to expire",
                   timeout=20)
