@@ -269,6 +269,10 @@ export class RelaybusLogger {
   }
 
   _captureGlobalErrors(target = globalThis) {
+    if (typeof target?.addEventListener !== "function") {
+      throw new TypeError("captureGlobalErrors needs an EventTarget such as window: pass "
+        + "options.globalTarget");
+    }
     const onError = (event) => {
       this.error(`uncaught ${describe(event.error ?? event.message)}`, {
         source: "error",

@@ -257,6 +257,12 @@ describe("global errors", () => {
     assert.equal(shipped(socket).entries.length, 2);
   });
 
+  test("captureGlobalErrors without an EventTarget to listen on is refused", () => {
+    const { client } = openClient();
+    assert.throws(() => createLogger(client, { captureGlobalErrors: true, globalTarget: {} }),
+      /needs an EventTarget/);
+  });
+
   test("without captureGlobalErrors nothing is listened to", () => {
     const { client, socket } = openClient();
     const window = new EventTarget();
