@@ -113,3 +113,14 @@ class BrowserTab:
         return dict(self.waitFor(
             f"name => {{ const run = harness.runs[name]; return run && ({condition}) && run; }}",
             what, name, timeout))
+
+    # The demo page
+
+    def openDemo(self, gateway: Any) -> str:
+        """Load the demo page the gateway serves at / and wait until its client is open;
+        returns the connectionId it shows."""
+        self.page.goto(f"{origin(gateway)}/")
+        return str(self.waitFor(
+            "() => document.querySelector('#state').dataset.state === 'open'"
+            " && document.querySelector('#connection-id').textContent",
+            "the demo page's client to open"))
