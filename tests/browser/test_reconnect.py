@@ -10,7 +10,7 @@ from browsersupport import pretty
 
 from relaybus.testing import GatewayProcess
 
-pytestmark = [pytest.mark.processes]
+pytestmark = [pytest.mark.processes, pytest.mark.rabbitmq]
 
 # Quick retries, so the client notices the replacement soon after it listens.
 BACKOFF = {"initialDelayMs": 100, "maxDelayMs": 500}
