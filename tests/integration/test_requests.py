@@ -33,7 +33,9 @@ def test_hello(stack, connect):
         assert hello["protocol"] == 1
         assert isinstance(hello["connectionId"], str) and hello["connectionId"]
         assert hello["limits"] == {"maxMessageBytes": 1048576, "maxInFlight": 100,
-                                   "defaultTimeoutMs": 30000, "maxTimeoutMs": 300000}
+                                   "defaultTimeoutMs": 30000, "maxTimeoutMs": 300000,
+                                   "clientLogPerSecond": 20, "clientLogBurst": 100,
+                                   "maxLogEntriesPerFrame": 50}
     assert first.hello["connectionId"] != second.hello["connectionId"]
 
 
@@ -357,3 +359,27 @@ def test_client_log_is_recorded_with_control_characters_escaped(stack, connect, 
     raw = stack.gateway.log
     assert not re.search(rf"^FORGED-{token}", raw, re.MULTILINE)
     assert not re.search("[\x1b\x85\u2028]", raw)
+
+
+def test_client_log_batches_over_the_rate_are_dropped_and_the_client_told(stack, connect,
+                                                                         waitUntil):
+    client = connect(stack)
+    token = secrets.token_hex(6)
+    burst = client.hello["limits"]["clientLogBurst"]
+    perFrame = client.hello["limits"]["maxLogEntriesPerFrame"]
+    for batch in range(3):  # 150 entries at once against a burst of 100
+        client.sendJSON({"type": "client-log", "entries": [
+            {"level": "info", "message": f"{token} {batch}-{i}"} for i in range(perFrame)]})
+    notice = client.next(lambda f: f["type"] == "error", "the rate-limit notice")
+    assert notice["requestId"] is None and notice["error"]["code"] == "overloaded"
+    # only the third frame overflows (a token or two may have refilled meanwhile)
+    dropped = int(re.search(r"(\d+) entries dropped", notice["error"]["message"]).group(1))
+    assert 0 < dropped <= 3 * perFrame - burst
+    assert client.call("echo", "unaffected").data == "unaffected"
+
+    def logged():
+        return len([line for line in stack.gateway.log.splitlines() if token in line])
+    waitUntil(lambda: logged() >= 3 * perFrame - dropped, "the recorded client-log lines")
+    client.assertQuiet()
+    assert logged() == 3 * perFrame - dropped
+
