@@ -115,3 +115,4 @@ $("log-send").addEventListener("click", () => {
 });
 
 showState();
+note("state", client.state);  // the first state came before the listener was added
