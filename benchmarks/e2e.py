@@ -714,6 +714,49 @@ def brokerPid() -> int | None:
     return int(match.group()) if match else None
 
 
+def createVhost(namePrefix: str) -> tuple[str, str]:
+    """A throwaway vhost `<namePrefix>-<hex>` the guest user may use; (its name, its URL)."""
+    vhost = f"{namePrefix}-{secrets.token_hex(4)}"
+    print(f"Creating RabbitMQ vhost {vhost} ...", flush=True)
+    rabbitmqctl("add_vhost", vhost)
+    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    return vhost, f"amqp://guest:guest@127.0.0.1:5672/{urllib.parse.quote(vhost, safe='')}"
+
+
+def deleteVhost(vhost: str) -> list[str]:
+    """Delete the vhost; returns the anomalies found first (queues with messages left)."""
+    findings = []
+    try:
+        leftovers = [line for line in rabbitmqctl(
+            "list_queues", "-p", vhost, "-q", "--no-table-headers", "name", "messages",
+            check=False).splitlines() if line.strip()]
+        busy = [q for q in leftovers if q.split()[1:2] != ["0"]]
+        if busy:
+            findings.append(f"queues with messages left at the end: {busy}")
+        rabbitmqctl("delete_vhost", vhost)
+        print(f"Deleted vhost {vhost}.")
+    except Exception as e:
+        print(f"Could not delete vhost {vhost}: {e}")
+    return findings
+
+
+def stopProcess(process: ServiceProcess) -> list[str]:
+    """SIGTERM it and wait; returns what its log says (during the run and while stopping) and
+    an exit status other than a clean shutdown's."""
+    runLog = process.log
+    findings = [f"{process.name} log: {line}" for line in logFindings(process, runLog)]
+    try:
+        code = process.stop(timeout=30)
+        # twistd ends itself with the signal it got once it has shut down cleanly
+        if code not in (0, -signal.SIGTERM):
+            findings.append(f"{process.name} exited with status {code}")
+    except Exception as e:
+        findings.append(f"{process.name}: {e}")
+    findings += [f"{process.name} log (while stopping): {line}"
+                 for line in logFindings(process, process.log[len(runLog):])]
+    return findings
+
+
 def logFindings(process: ServiceProcess, text: str) -> list[str]:
     """Warnings, errors and tracebacks in (part of) a twistd log."""
     found = []
@@ -803,11 +846,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         brokerURL = args.broker
         if brokerURL is None and args.gateway_url is None:
-            vhost = f"relaybus-bench-{secrets.token_hex(4)}"
-            print(f"Creating RabbitMQ vhost {vhost} ...", flush=True)
-            rabbitmqctl("add_vhost", vhost)
-            rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-            brokerURL = f"amqp://guest:guest@127.0.0.1:5672/{urllib.parse.quote(vhost, safe='')}"
+            vhost, brokerURL = createVhost("relaybus-bench")
         common = ["--broker", brokerURL or "", "--amqp-prefix", args.amqp_prefix]
         if brokerURL and not args.no_worker:
             worker = WorkerProcess([*common, "--handlers", "workers.examples",
@@ -866,31 +905,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for process in (gateway, worker):  # the gateway first: it must not see workers vanish
-            if process is None:
-                continue
-            runLog = process.log
-            findings += [f"{process.name} log: {line}" for line in logFindings(process, runLog)]
-            try:
-                code = process.stop(timeout=30)
-                # twistd ends itself with the signal it got once it has shut down cleanly
-                if code not in (0, -signal.SIGTERM):
-                    findings.append(f"{process.name} exited with status {code}")
-            except Exception as e:
-                findings.append(f"{process.name}: {e}")
-            findings += [f"{process.name} log (while stopping): {line}"
-                         for line in logFindings(process, process.log[len(runLog):])]
+            if process is not None:
+                findings += stopProcess(process)
         if vhost is not None:
-            try:
-                leftovers = [line for line in rabbitmqctl(
-                    "list_queues", "-p", vhost, "-q", "--no-table-headers", "name", "messages",
-                    check=False).splitlines() if line.strip()]
-                busy = [q for q in leftovers if q.split()[1:2] != ["0"]]
-                if busy:
-                    findings.append(f"queues with messages left at the end: {busy}")
-                rabbitmqctl("delete_vhost", vhost)
-                print(f"Deleted vhost {vhost}.")
-            except Exception as e:
-                print(f"Could not delete vhost {vhost}: {e}")
+            findings += deleteVhost(vhost)
     if findings:
         print("\nAnomalies in the processes' logs and state:")
         for line in findings[:40]:
