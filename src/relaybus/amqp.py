@@ -269,9 +269,11 @@ class BrokerLink(Service):
         def failed(failure: Failure) -> None:
             if timer.active():
                 timer.cancel()
+            lostMidway = not connection.is_open  # then _connectionLost says why
             if self._settingUp is connection:
-                log.failure("AMQP {name}: setting up the connection failed", failure,
-                            name=self._name)
+                if not lostMidway:
+                    log.failure("AMQP {name}: setting up the connection failed", failure,
+                                name=self._name)
                 self.drop(connection, "setup failed")
 
         def tooSlow() -> None:
@@ -288,7 +290,11 @@ class BrokerLink(Service):
 
     def drop(self, connection: TwistedProtocolConnection, why: str) -> None:
         """Abort `connection` if it is still ours, so the normal reconnect path takes over
-        (used when a channel or consumer dies while the connection lives on)."""
+        (used when a channel or consumer dies while the connection lives on).
+
+        A connection that is no longer open is going already, and its channels and consumers
+        close with it: `why` is not the reason then, and _connectionLost logs the real one.
+        """
         if connection not in (self.connection, self._settingUp) or not self.running:
             return
         if connection is self._dropped:  # one reason is enough
@@ -296,7 +302,8 @@ class BrokerLink(Service):
         self._dropped = connection
         transport = connection.transport
         if transport is not None:
-            log.warn("AMQP {name}: reconnecting: {why}", name=self._name, why=why)
+            if connection.is_open:
+                log.warn("AMQP {name}: reconnecting: {why}", name=self._name, why=why)
             transport.abortConnection()
 
     def _connectionLost(self, connection: TwistedProtocolConnection, reason: Failure) -> None:
