@@ -244,7 +244,11 @@ class BrokerLink(Service):
 
     def _handshakeFailed(self, failure: Failure) -> None:
         if failure.check(AMQPConnectionError):
-            why = "the broker refused the AMQP handshake (check user, password and vhost)"
+            # pika reports any stream lost during the handshake as a refusal: keep its reason
+            # so an operator can tell a cut connection from a refused login.
+            detail = failure.getErrorMessage() or repr(failure.value)
+            why = ("the AMQP handshake failed (a refused login: check user, password and "
+                   f"vhost; or a dropped connection): {detail}")
         else:
             why = failure.getErrorMessage() or repr(failure.value)
         log.warn("AMQP {name}: connection failed: {why}", name=self._name, why=why)

@@ -1,15 +1,17 @@
-"""RabbitMQ only: several gateways and workers on one broker, broker connection loss, requests
-that expire in the queue, and workers that stop or die mid-request."""
+"""RabbitMQ only: several gateways and workers on one broker, broker connection loss, a wrong
+password, an idempotent handler re-run after its worker dies, and handlers in-process.
+(Worker faults under load are in test_worker_faults.py, broker faults in test_broker_faults.py.)"""
 
 from __future__ import annotations
 
 import concurrent.futures
 import os
 import secrets
-import signal
 from pathlib import Path
 
 import pytest
+
+from relaybus.testing import GatewayProcess
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.processes]
 
@@ -88,56 +90,14 @@ def test_broker_connections_dropped_mid_request(isolatedBroker, makeStack, conne
     assert connect(stack).call("echo", "fresh").data == "fresh"
 
 
-def test_request_that_expires_in_the_queue_is_never_run(makeStack, connect, waitUntil):
-    stack = makeStack("rabbitmq", workers=0)
-    # A worker declares the request queues, then goes: the queue exists with no consumer.
-    declaring = stack.startWorker()
-    assert declaring.stop() in (0, -signal.SIGTERM)
-    queue = f"{stack.prefix}requests.testRequest"
-    assert stack.broker.queues()[queue]["consumers"] == 0
-    client = connect(stack)
-    requestId = client.request("testRequest", {"count": 1, "delayMs": 0}, timeoutMs=1000)
-    assert client.collect(requestId).code == "timeout"
-    # A worker that starts now never sees it.
-    worker = stack.startWorker()
-    assert client.call("echo", "after").data == "after"
-    client.assertQuiet(requestId)
-    waitUntil(lambda: stack.broker.queues()[queue]["messages"] == 0, f"{queue} to be empty")
-    assert "Stopped testRequest" not in worker.log
-    assert "Skipped" not in worker.log
-    assert "Dropped a late" not in stack.gateway.log
-
-
-def test_worker_sigterm_finishes_the_running_request(makeStack, connect):
-    stack = makeStack("rabbitmq")
-    client = connect(stack)
-    requestId = client.request("testRequest", {"count": 3, "delayMs": 300, "chunkBytes": 1})
-    client.waitForChunk(requestId)
-    worker = stack.workers[0]
-    worker.signal(signal.SIGTERM)
-    outcome = client.collect(requestId)
-    assert outcome.data["chunks"] == 3 and len(outcome.chunks) == 3
-    assert worker.process is not None
-    assert worker.process.wait(30) in (0, -signal.SIGTERM)
-    assert "Server Shut Down." in worker.log
-    assert "Stopped testRequest" not in worker.log
-    # With no worker left, the queue is still bound: requests wait and time out.
-    late = client.request("echo", "nobody", timeoutMs=500)
-    assert client.collect(late).code == "timeout"
-
-
-def test_worker_killed_mid_request_is_worker_lost(makeStack, connect):
-    stack = makeStack("rabbitmq")
-    client = connect(stack)
-    requestId = client.request("testRequest", {"count": 50, "delayMs": 100}, timeoutMs=60_000)
-    client.waitForChunk(requestId)
-    stack.workers[0].kill()
-    # The broker hands the unacked request to the next worker; testRequest is not
-    # idempotent, so that worker answers worker_lost instead of running it again.
-    stack.startWorker()
-    outcome = client.finish(requestId)
-    assert outcome.code == "worker_lost", outcome
-    assert "Stopped testRequest" not in stack.workers[1].log
+def test_a_wrong_password_is_not_ready_and_says_why(broker, processes):
+    url = broker.url.replace("guest:guest@", "guest:wrong@")
+    assert url != broker.url
+    gateway = processes.start(GatewayProcess(["--broker", url,
+                                              "--amqp-prefix", broker.newPrefix()]))
+    gateway.waitForLog(r"a refused login: check user, password and vhost")
+    assert gateway.httpStatus("/readyz") == 503
+    assert gateway.httpStatus("/healthz") == 200
 
 
 def test_idempotent_handler_reruns_after_its_worker_dies_without_repeating_chunks(
