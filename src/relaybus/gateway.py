@@ -17,7 +17,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
@@ -44,6 +44,7 @@ clientLog = Logger(namespace="relaybus.client")
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_NOT_READING = 1008  # policy violation: the client let too much pile up unread
+CLOSE_FLUSH_TIMEOUT_S = 5.0  # how long a finished close handshake may wait to flush
 LOG_DROP_NOTICE_INTERVAL_S = 1.0
 WEB_ROOT = Path(__file__).parent / "web"
 
@@ -80,6 +81,7 @@ class GatewayProtocol(WebSocketServerProtocol):
     _sendPaused = False
     _bytesQueuedWhilePaused = 0
     _admitted = False
+    _abortAfterFlush: IDelayedCall | None = None
 
     def onConnect(self, request: ConnectionRequest) -> None:
         """Admit the handshake while under --max-connections (counting handshakes in progress,
@@ -144,7 +146,26 @@ class GatewayProtocol(WebSocketServerProtocol):
         elif isinstance(frame, ClientLogFrame):
             self._recordClientLog(frame)
 
+    def dropConnection(self, abort: bool = False) -> None:
+        """Autobahn aborts the TCP connection once the close handshake completes. When the
+        client's close crossed ours (e.g. our 1002 for its malformed close frame), ours may
+        still sit in the transport and the abort would discard it: flush instead, but never
+        wait long on a client that does not read."""
+        if abort and self.wasClean and self.state != WebSocketProtocol.STATE_CLOSED:
+            abort = False
+            self._abortAfterFlush = self.factory.clock.callLater(
+                CLOSE_FLUSH_TIMEOUT_S, self._abortConnection)
+        super().dropConnection(abort)
+
+    def _abortConnection(self) -> None:
+        self._abortAfterFlush = None
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._abortAfterFlush is not None and self._abortAfterFlush.active():
+            self._abortAfterFlush.cancel()
+            self._abortAfterFlush = None
         if self._admitted:
             self._admitted = False
             self.factory.admitted -= 1

@@ -443,6 +443,29 @@ def test_text_frame_that_is_not_utf8_closes_with_1007(gw: Gateway) -> None:
     assert closeCode(client) == 1007
 
 
+@pytest.mark.parametrize("closePayload", [
+    struct.pack("!H", 5000), struct.pack("!H", 1005), b"\x03", struct.pack("!H", 1000) + b"\xff",
+], ids=["code-5000", "code-1005", "one-byte", "reason-not-utf8"])
+def test_malformed_close_frame_is_answered_with_a_close_code_before_the_hang_up(
+        gw: Gateway, closePayload: bytes) -> None:
+    client = gw.connect()
+    client.messages()
+    client.send(closePayload, OPCODE_CLOSE)
+    assert closeCode(client) in (1002, 1007)  # our close frame was flushed, not discarded
+    assert client.transport.disconnecting and not client.transport.disconnected
+    gw.clock.advance(5)  # a client that never reads it is not waited on for long
+    assert client.transport.disconnected
+
+
+def test_a_normal_close_handshake_does_not_leave_a_timer(gw: Gateway) -> None:
+    client = gw.connect()
+    client.messages()
+    client.send(struct.pack("!H", 1000), OPCODE_CLOSE)
+    assert closeCode(client) == 1000
+    client.protocol.connectionLost(Failure(ConnectionResetError()))
+    assert gw.clock.getDelayedCalls() == []
+
+
 def test_text_frame_that_is_not_utf8_ends_the_connection(gw: Gateway) -> None:
     client = gw.connect()
     client.messages()
