@@ -156,6 +156,11 @@ def test_a_thousand_clients_vanish_mid_stream_and_nothing_is_left(makeStack, wai
     stack = makeStack("rabbitmq", workerArgs=["--concurrency", "50"])
     gateway = stack.gateway
     baseline = gateway.metrics()
+
+    def consumers() -> dict[str, int]:
+        return {name: q["consumers"] for name, q in stack.broker.queues().items()
+                if name.startswith(stack.prefix)}
+    consumersBefore = consumers()
     mark = stack.mark()
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -175,6 +180,7 @@ def test_a_thousand_clients_vanish_mid_stream_and_nothing_is_left(makeStack, wai
           f"{baseline['relaybus_reactor_delayed_calls']:.0f})")
     assert cancelled == 1000
     assert m["relaybus_requests_accepted_total"] == 1000
+    assert consumers() == consumersBefore  # no consumer gained or lost on the broker
 
 
 # SIGTERM under load
