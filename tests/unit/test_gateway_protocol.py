@@ -466,6 +466,36 @@ def test_a_normal_close_handshake_does_not_leave_a_timer(gw: Gateway) -> None:
     assert gw.clock.getDelayedCalls() == []
 
 
+def test_a_client_that_answers_no_ping_is_dropped(gw: Gateway) -> None:
+    client = gw.connect()
+    client.messages()
+    gw.clock.advance(gw.config.autoPingIntervalS)
+    assert [op for op, _ in client.frames()] == [0x9]  # a ping
+    assert client.isOpen
+    gw.clock.advance(gw.config.autoPingTimeoutS)
+    assert client.transport.disconnected
+
+
+def test_a_client_that_answers_pings_stays(gw: Gateway) -> None:
+    client = gw.connect()
+    client.messages()
+    for _ in range(3):
+        gw.clock.advance(gw.config.autoPingIntervalS)
+        [(opcode, payload)] = client.frames()
+        assert opcode == 0x9
+        client.send(payload, 0xA)  # the pong
+        gw.clock.advance(gw.config.autoPingTimeoutS)
+        assert client.isOpen
+
+
+def test_a_handshake_that_never_finishes_is_dropped(gw: Gateway) -> None:
+    client = Client(gw.factory)
+    client.protocol.dataReceived(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and no more
+    gw.clock.advance(gw.config.openHandshakeTimeoutS)
+    assert client.transport.disconnected
+    assert gw.factory.admitted == 0
+
+
 def test_text_frame_that_is_not_utf8_ends_the_connection(gw: Gateway) -> None:
     client = gw.connect()
     client.messages()
