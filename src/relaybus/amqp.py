@@ -46,6 +46,9 @@ BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 10.0
 SETUP_TIMEOUT_S = 15.0
 CLOSE_TIMEOUT_S = 3.0
+# RabbitMQ proposes 60 s, so a silently cut connection went unnoticed for minutes (and the
+# gateway stayed "ready"); `?heartbeat=N` in the broker URL overrides this.
+DEFAULT_HEARTBEAT_S = 15
 TRANSIENT = 1  # delivery_mode: requests and replies are worthless after their deadline
 
 
@@ -77,6 +80,13 @@ class Topology:
     def declareExchanges(self, channel: Any) -> Any:
         for name in (self.requestsExchange, self.responsesExchange, self.cancelsExchange):
             yield channel.exchange_declare(exchange=name, exchange_type="direct", durable=True)
+
+
+def brokerParameters(url: str) -> pika.URLParameters:
+    parameters = pika.URLParameters(url)
+    if "heartbeat" not in urllib.parse.parse_qs(urllib.parse.urlsplit(url).query):
+        parameters.heartbeat = DEFAULT_HEARTBEAT_S
+    return parameters
 
 
 def validateBrokerURL(url: str) -> None:
@@ -217,7 +227,7 @@ class BrokerLink(Service):
 
     def startService(self) -> None:
         super().startService()
-        parameters = pika.URLParameters(self._url)
+        parameters = brokerParameters(self._url)
         parameters.client_properties = {"connection_name": self._name, "product": "relaybus"}
         link = self
 

@@ -22,10 +22,12 @@ from twisted.python.failure import Failure
 from unitsupport import assertNoResult, errorCode, failureResultOf, successResultOf
 
 from relaybus.amqp import (
+    DEFAULT_HEARTBEAT_S,
     AmqpRequestBus,
     AmqpWorkerBus,
     Topology,
     _Connection,
+    brokerParameters,
     consumeForever,
     detached,
     validateBrokerURL,
@@ -98,6 +100,15 @@ def amqpMessage(correlationId: str | None = "c-1", replyTo: str | None = "gw-1",
 
 
 # Topology
+
+
+@pytest.mark.parametrize(("url", "heartbeat"), [
+    ("amqp://guest:guest@127.0.0.1:5672/", DEFAULT_HEARTBEAT_S),
+    ("amqp://guest:guest@127.0.0.1:5672/%2F?heartbeat=30", 30),
+    ("amqp://guest:guest@127.0.0.1:5672/%2F?heartbeat=0", 0),
+])
+def test_heartbeat_defaults_short_unless_the_url_sets_one(url: str, heartbeat: int) -> None:
+    assert brokerParameters(url).heartbeat == heartbeat
 
 
 def test_topology_without_a_prefix() -> None:
