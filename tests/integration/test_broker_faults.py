@@ -326,6 +326,7 @@ class CuttingProxy:
         self._listener = socket.create_server(("127.0.0.1", self.port))
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
+        self._frozen: set[socket.socket] = set()
         self._plan: list[int] = []  # bytes after which to cut, for the next connections
         threading.Thread(target=self._accept, name="cutting-proxy", daemon=True).start()
 
@@ -341,6 +342,12 @@ class CuttingProxy:
             sockets, self._open = self._open, set()
         for sock in sockets:
             _reset(sock)
+
+    def freezeAll(self) -> None:
+        """Stop carrying bytes on the open connections without closing them: a network
+        partition (no FIN, no RST), which only heartbeats can tell from a quiet broker."""
+        with self._lock:
+            self._frozen |= self._open
 
     def close(self) -> None:
         self._listener.close()
@@ -370,6 +377,9 @@ class CuttingProxy:
         sent = 0
         try:
             while True:
+                if client in self._frozen:
+                    time.sleep(0.1)
+                    continue
                 readable, _, _ = select.select([client, upstream], [], [], 0.5)
                 for sock in readable:
                     data = sock.recv(65536)
@@ -435,6 +445,29 @@ def test_connections_cut_during_handshake_and_setup_come_back_without_errors(
     logs = "".join(mark.since(p) for p in (*stack.gateways, *stack.workers))
     assert "connection lost" in logs
     assert "cancelled the" not in logs and "channel closed" not in logs, logs[-5000:]
+
+
+def test_a_silent_network_partition_is_noticed_by_heartbeats(broker, cuttingProxy, makeStack,
+                                                             connect, waitUntil):
+    # heartbeat=2 in the URL (the default is 15 s) keeps the test short. pika checks every
+    # heartbeat + 5 s and closes a connection that heard nothing since the last check;
+    # relaybus handles that like any other loss.
+    throughProxy = Broker(cuttingProxy.url(broker) + "?heartbeat=2", broker.vhost, managed=True)
+    stack = makeStack("rabbitmq", broker=throughProxy)
+    client, probe = connect(stack), connect(stack)
+    requestId = client.request("testRequest", {"count": 100, "delayMs": 100}, timeoutMs=60_000)
+    client.waitForChunk(requestId)
+    cuttingProxy.freezeAll()
+    frozeAt = time.monotonic()
+    outcome = client.collect(requestId, timeout=40)
+    endedAfter = time.monotonic() - frozeAt
+    assert outcome.code == "unavailable", outcome
+    waitUntil(lambda: _echoWorks(probe), "an echo to succeed after the partition", timeout=40,
+              interval=0.2)
+    print(f"silent partition: the request in flight ended `unavailable` {endedAfter:.1f} s "
+          f"after the freeze (deadline 60 s); served again "
+          f"{time.monotonic() - frozeAt:.1f} s after it")
+    assert endedAfter < 30  # noticed by the heartbeat, not by the request's deadline
 
 
 @pytest.mark.broker_wide
