@@ -9,7 +9,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from relaybus.amqp import validateBrokerURL
+from relaybus.amqp.link import validateBrokerURL
 from relaybus.config import GatewayConfig, Limits, WorkerConfig, newGatewayId
 from relaybus.worker import registerHandlers
 

@@ -17,7 +17,9 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
-from relaybus.amqp import AmqpRequestBus, AmqpWorkerBus, Topology
+from relaybus.amqp.gatewaybus import AmqpRequestBus
+from relaybus.amqp.topology import Topology
+from relaybus.amqp.workerbus import AmqpWorkerBus
 from relaybus.config import GatewayConfig, WorkerConfig
 from relaybus.correlation import CorrelationTable
 from relaybus.gateway import GatewayFactory, makeSite

@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import pika
+import pika.frame
+import pika.spec
+from pika.adapters.twisted_connection import ClosableDeferredQueue, ReceivedMessage
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -154,6 +158,172 @@ class FakeReplyReceiver:
 
     def busInterrupted(self, reason: Failure | None) -> None:
         self.interruptions.append(reason)
+
+
+# Fakes of pika's Twisted adapter, for the AMQP buses (relaybus.amqp)
+
+
+@attrs.define
+class PublishedMessage:
+    """One basic_publish; fire `confirm` as the broker would (callback: ack; errback: nack,
+    unroutable, channel closed)."""
+
+    exchange: str
+    routingKey: str
+    body: bytes
+    properties: pika.BasicProperties
+    mandatory: bool
+    confirm: Deferred[Any]
+
+
+@attrs.define(eq=False)
+class FakeChannel:
+    """The surface of pika's TwistedChannel that relaybus uses, recording every call.
+
+    Declarations, qos and confirm mode succeed at once; publishes and basic_cancel wait for
+    the test (`PublishedMessage.confirm`, `cancelOks`); `holdConsumes` makes basic_consume
+    wait too (`heldConsumes`), for races during setup. The broker's side: `deliver`,
+    `returnMessage`, `closeByBroker`.
+    """
+
+    holdConsumes: bool = False
+    is_open: bool = True
+    on_closed: Deferred[Any] = attrs.field(factory=Deferred)
+    declarations: list[tuple[str, dict[str, Any]]] = attrs.field(factory=list)
+    prefetch: int | None = None
+    confirming: bool = False
+    published: list[PublishedMessage] = attrs.field(factory=list)
+    acks: list[int] = attrs.field(factory=list)
+    nacks: list[tuple[int, bool]] = attrs.field(factory=list)
+    consumers: dict[str, ClosableDeferredQueue] = attrs.field(factory=dict)  # by queue name
+    consumerTags: dict[str, str] = attrs.field(factory=dict)  # queue name -> consumer tag
+    heldConsumes: list[Deferred[None]] = attrs.field(factory=list)
+    cancelled: list[str] = attrs.field(factory=list)  # consumer tags, in order
+    cancelOks: list[Deferred[Any]] = attrs.field(factory=list)
+    _returnCallbacks: list[Any] = attrs.field(factory=list)
+    _serverNamedQueues: int = 0
+
+    def _declared(self, method: str, **arguments: Any) -> Deferred[Any]:
+        self.declarations.append((method, arguments))
+        return succeed(None)
+
+    def exchange_declare(self, **arguments: Any) -> Deferred[Any]:
+        return self._declared("exchange_declare", **arguments)
+
+    def queue_bind(self, **arguments: Any) -> Deferred[Any]:
+        return self._declared("queue_bind", **arguments)
+
+    def queue_declare(self, queue: str = "", **arguments: Any) -> Deferred[Any]:
+        if not queue:
+            self._serverNamedQueues += 1
+            queue = f"amq.gen-{self._serverNamedQueues}"
+        self.declarations.append(("queue_declare", {"queue": queue, **arguments}))
+        return succeed(pika.frame.Method(1, pika.spec.Queue.DeclareOk(queue=queue)))
+
+    def basic_qos(self, prefetch_count: int = 0, **arguments: Any) -> Deferred[Any]:
+        self.prefetch = prefetch_count
+        return succeed(None)
+
+    def confirm_delivery(self) -> Deferred[Any]:
+        self.confirming = True
+        return succeed(None)
+
+    def add_on_return_callback(self, callback: Any) -> None:
+        self._returnCallbacks.append(callback)
+
+    def basic_consume(self, queue: str, auto_ack: bool = False,
+                      **arguments: Any) -> Deferred[Any]:
+        consumer = ClosableDeferredQueue()
+        tag = f"ctag-{queue}"
+        self.consumers[queue] = consumer
+        self.consumerTags[queue] = tag
+        if not self.holdConsumes:
+            return succeed((consumer, tag))
+        held: Deferred[None] = Deferred()
+        self.heldConsumes.append(held)
+        return held.addCallback(lambda _: (consumer, tag))
+
+    def basic_cancel(self, consumer_tag: str = "") -> Deferred[Any]:
+        self.cancelled.append(consumer_tag)
+        cancelOk: Deferred[Any] = Deferred()
+        self.cancelOks.append(cancelOk)
+        return cancelOk
+
+    def basic_ack(self, delivery_tag: int = 0, multiple: bool = False) -> None:
+        self.acks.append(delivery_tag)
+
+    def basic_nack(self, delivery_tag: int = 0, multiple: bool = False,
+                   requeue: bool = True) -> None:
+        self.nacks.append((delivery_tag, requeue))
+
+    def basic_publish(self, exchange: str, routing_key: str, body: bytes,
+                      properties: pika.BasicProperties | None = None,
+                      mandatory: bool = False) -> Deferred[Any]:
+        confirm: Deferred[Any] = Deferred()
+        self.published.append(PublishedMessage(exchange, routing_key, body,
+                                               properties or pika.BasicProperties(),
+                                               mandatory, confirm))
+        return confirm
+
+    # The broker's side
+
+    def deliver(self, queue: str, properties: pika.BasicProperties, body: bytes = b"",
+                routingKey: str | None = None, deliveryTag: int = 1,
+                redelivered: bool = False) -> None:
+        """A message from `queue` to its consumer (routed by `routingKey`, default: the part
+        of the queue name after its last dot, as for a request queue)."""
+        method = pika.spec.Basic.Deliver(
+            consumer_tag=self.consumerTags[queue], delivery_tag=deliveryTag,
+            redelivered=redelivered, exchange="",
+            routing_key=queue.rpartition(".")[2] if routingKey is None else routingKey)
+        self.consumers[queue].put(ReceivedMessage(self, method, properties, body))
+
+    def returnMessage(self, properties: pika.BasicProperties, body: bytes = b"") -> None:
+        """A basic.return (NO_ROUTE) of a mandatory publish."""
+        method = pika.spec.Basic.Return(reply_code=312, reply_text="NO_ROUTE")
+        for callback in self._returnCallbacks:
+            callback(ReceivedMessage(self, method, properties, body))
+
+    def closeByBroker(self, reason: Exception) -> None:
+        """What pika does when the channel closes: pending calls fail, consumers stop,
+        on_closed fires."""
+        self.is_open = False
+        for call in self.heldConsumes:
+            if not call.called:
+                call.errback(reason)
+        for consumer in self.consumers.values():
+            consumer.close(reason)
+        self.on_closed.callback(reason)
+
+
+@attrs.define(eq=False)
+class FakeTransport:
+    aborted: int = 0
+
+    def abortConnection(self) -> None:
+        self.aborted += 1
+
+
+@attrs.define(eq=False)
+class FakeAmqpConnection:
+    """pika's TwistedProtocolConnection as the buses' setUpConnection sees it."""
+
+    holdConsumes: bool = False
+    is_open: bool = True
+    channels: list[FakeChannel] = attrs.field(factory=list)
+    transport: FakeTransport = attrs.field(factory=FakeTransport)
+
+    def channel(self) -> Deferred[FakeChannel]:
+        channel = FakeChannel(holdConsumes=self.holdConsumes)
+        self.channels.append(channel)
+        return succeed(channel)
+
+    def lose(self, reason: Exception) -> None:
+        """The connection drops: every channel closes with it."""
+        self.is_open = False
+        for channel in self.channels:
+            if channel.is_open:
+                channel.closeByBroker(reason)
 
 
 @implementer(IRequestReceiver)

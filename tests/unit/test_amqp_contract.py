@@ -1,15 +1,15 @@
-"""The AMQP buses against a fake pika channel: returns, confirms, properties, deliveries.
+"""The AMQP buses against relaybus.testing's fake pika connection and channels: topology,
+returns, confirms, properties, deliveries.
 
-No broker: a small fake channel is put where the bus keeps pika's TwistedChannel. The names and
-properties checked here are the wire contract of docs/protocol.md ("The AMQP contract").
+No broker: each bus is set up on a FakeAmqpConnection the way BrokerLink sets it up after a
+connect, and the test plays the broker on its FakeChannels. The names and properties checked
+here are the wire contract of docs/protocol.md ("The AMQP contract").
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
-import attrs
 import pika
 import pytest
 from pika.adapters.twisted_connection import ClosableDeferredQueue
@@ -17,86 +17,43 @@ from pika.exceptions import ChannelClosedByBroker, NackError, UnroutableError
 from twisted.internet.defer import CancelledError, Deferred, DeferredQueue
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from unitsupport import assertNoResult, errorCode, failureResultOf, successResultOf
 
-from relaybus.amqp import (
+from relaybus.amqp.gatewaybus import AmqpRequestBus
+from relaybus.amqp.link import (
     DEFAULT_HEARTBEAT_S,
-    AmqpRequestBus,
-    AmqpWorkerBus,
-    Topology,
-    _Connection,
+    AmqpConnection,
     brokerParameters,
     consumeForever,
     detached,
     validateBrokerURL,
 )
+from relaybus.amqp.topology import Topology
+from relaybus.amqp.workerbus import AmqpWorkerBus
 from relaybus.errors import RelaybusError
 from relaybus.messages import CancelNotice, ReplyKind, ReplyMessage, RequestMessage
-from relaybus.testing import FakeReplyReceiver, FakeRequestReceiver
+from relaybus.testing import (
+    FakeAmqpConnection,
+    FakeReplyReceiver,
+    FakeRequestReceiver,
+    PublishedMessage,
+)
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
 START = 1_764_000_000.0
 
 
-@attrs.define
-class Published:
-    exchange: str
-    routing_key: str
-    body: bytes
-    properties: pika.BasicProperties
-    mandatory: bool
-    result: Deferred[Any]
+def returnedProperties(correlationId: str | None) -> pika.BasicProperties:
+    return pika.BasicProperties(correlation_id=correlationId)
 
 
-class FakeChannel:
-    """The parts of pika's TwistedChannel the buses use; publishes wait for the test."""
-
-    def __init__(self) -> None:
-        self.is_open = True
-        self.published: list[Published] = []
-        self.acks: list[int] = []
-        self.nacks: list[tuple[int, bool]] = []
-        self.cancelledConsumers: list[str] = []
-
-    def basic_publish(self, exchange: str, routing_key: str, body: bytes,
-                      properties: pika.BasicProperties | None = None,
-                      mandatory: bool = False) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        assert properties is not None
-        self.published.append(Published(exchange, routing_key, body, properties, mandatory, d))
-        return d
-
-    def basic_ack(self, delivery_tag: int = 0, multiple: bool = False) -> None:
-        self.acks.append(delivery_tag)
-
-    def basic_nack(self, delivery_tag: int = 0, multiple: bool = False,
-                   requeue: bool = True) -> None:
-        self.nacks.append((delivery_tag, requeue))
-
-    def basic_cancel(self, consumer_tag: str) -> Deferred[Any]:
-        self.cancelledConsumers.append(consumer_tag)
-        return Deferred()
-
-
-def returned(correlationId: str) -> Any:
-    """What pika hands an on-return callback (a ReceivedMessage): only .properties matters."""
-    return SimpleNamespace(channel=None, method=SimpleNamespace(reply_code=312),
-                           properties=pika.BasicProperties(correlation_id=correlationId),
-                           body=b"")
-
-
-def amqpMessage(correlationId: str | None = "c-1", replyTo: str | None = "gw-1",
-                headers: dict[str, Any] | None = None, body: bytes = b'{"a":1}',
-                routingKey: str = "echo", deliveryTag: int = 7, redelivered: bool = False,
-                kind: str | None = None) -> Any:
-    return SimpleNamespace(
-        properties=pika.BasicProperties(correlation_id=correlationId, reply_to=replyTo,
-                                        headers=headers, type=kind),
-        method=SimpleNamespace(delivery_tag=deliveryTag, routing_key=routingKey,
-                               redelivered=redelivered),
-        body=body)
+def requestProperties(correlationId: str | None = "c-1", replyTo: str | None = "gw-1",
+                      headers: dict[str, Any] | None = None,
+                      kind: str | None = None) -> pika.BasicProperties:
+    return pika.BasicProperties(correlation_id=correlationId, reply_to=replyTo,
+                                headers=headers, type=kind)
 
 
 # Topology
@@ -161,21 +118,25 @@ def test_invalid_broker_urls(url: str) -> None:
 
 class Gateway:
     def __init__(self) -> None:
-        self.clock = Clock()
+        self.clock = MemoryReactorClock()
         self.clock.advance(START)
         self.bus = AmqpRequestBus(URL, self.clock, Topology("t."), "gw-1")
         self.receiver = FakeReplyReceiver()
         self.bus.listen(self.receiver)
-        self.channel = FakeChannel()
-        self.bus._channel = self.channel
+        self.connection = FakeAmqpConnection()
+        successResultOf(self.bus.setUpConnection(self.connection))
+        self.consuming, self.publishing = self.connection.channels
 
     def publish(self, correlationId: str = "c-1", requestType: str = "echo",
-                timeoutS: float = 2.5) -> tuple[Deferred[None], Published]:
+                timeoutS: float = 2.5) -> tuple[Deferred[None], PublishedMessage]:
         message = RequestMessage(correlationId=correlationId, requestType=requestType,
                                  replyTo="gw-1", body=b'{"count":3}',
                                  deadline=self.clock.seconds() + timeoutS, gatewayId="gw-1")
         d = self.bus.publishRequest(message)
-        return d, self.channel.published[-1]
+        return d, self.publishing.published[-1]
+
+    def reply(self, properties: pika.BasicProperties, body: bytes = b'{"a":1}') -> None:
+        self.consuming.deliver("t.replies.gw-1", properties, body, routingKey="gw-1")
 
 
 @pytest.fixture
@@ -183,10 +144,23 @@ def gw() -> Gateway:
     return Gateway()
 
 
+def test_gateway_setup_declares_its_topology_and_consumes_its_reply_queue(gw: Gateway) -> None:
+    assert gw.consuming.declarations == [
+        *[("exchange_declare", {"exchange": name, "exchange_type": "direct", "durable": True})
+          for name in ("t.requests", "t.responses", "t.cancels")],
+        ("queue_declare", {"queue": "t.replies.gw-1", "durable": False, "exclusive": False,
+                           "auto_delete": False, "arguments": {"x-expires": 60_000}}),
+        ("queue_bind", {"queue": "t.replies.gw-1", "exchange": "t.responses",
+                        "routing_key": "gw-1"})]
+    assert list(gw.consuming.consumers) == ["t.replies.gw-1"]
+    assert gw.publishing.confirming and not gw.consuming.confirming
+    assert gw.bus.isReady()
+
+
 def test_published_request_follows_the_contract(gw: Gateway) -> None:
     d, published = gw.publish("c-1", "testRequest", timeoutS=2.5)
     assert published.exchange == "t.requests"
-    assert published.routing_key == "testRequest"
+    assert published.routingKey == "testRequest"
     assert published.body == b'{"count":3}'
     assert published.mandatory is True
     properties = published.properties
@@ -204,7 +178,7 @@ def test_published_request_follows_the_contract(gw: Gateway) -> None:
         "relaybus-principal": None,
     }
     assertNoResult(d)  # waits for the publisher confirm
-    published.result.callback(None)
+    published.confirm.callback(None)
     assert successResultOf(d) is None
 
 
@@ -226,18 +200,21 @@ def test_published_properties_survive_pika_encoding(gw: Gateway) -> None:
 
 def test_returned_message_is_no_handler_even_if_pika_says_success(gw: Gateway) -> None:
     d, published = gw.publish("c-1", "nobodyServesThis")
-    gw.bus._messageReturned(returned("c-1"))
-    published.result.callback(None)
+    gw.publishing.returnMessage(returnedProperties("c-1"))
+    published.confirm.callback(None)
     error = failureResultOf(d, RelaybusError).value
     assert error.code == "no_handler"
     assert "nobodyServesThis" in error.message
-    assert gw.bus._returned == set()  # nothing kept once settled
+    # nothing kept once settled: the same id published again is routed
+    again, publishedAgain = gw.publish("c-1", "echo")
+    publishedAgain.confirm.callback(None)
+    assert successResultOf(again) is None
 
 
 def test_returned_message_with_pika_unroutable_error_is_no_handler(gw: Gateway) -> None:
     d, published = gw.publish("c-1")
-    gw.bus._messageReturned(returned("c-1"))
-    published.result.errback(UnroutableError([]))
+    gw.publishing.returnMessage(returnedProperties("c-1"))
+    published.confirm.errback(UnroutableError([]))
     assert errorCode(d) == "no_handler"
 
 
@@ -246,16 +223,16 @@ def test_unroutable_error_blamed_on_a_message_that_was_not_returned_is_success(
     """The adapter bug of the field notes: pika attributes a basic.return to the wrong publish."""
     routed, routedPublish = gw.publish("c-routed", "echo")
     unroutable, unroutablePublish = gw.publish("c-returned", "nobody")
-    gw.bus._messageReturned(returned("c-returned"))
-    routedPublish.result.errback(UnroutableError([]))  # wrong Deferred blamed
-    unroutablePublish.result.callback(None)
+    gw.publishing.returnMessage(returnedProperties("c-returned"))
+    routedPublish.confirm.errback(UnroutableError([]))  # wrong Deferred blamed
+    unroutablePublish.confirm.callback(None)
     assert successResultOf(routed) is None
     assert errorCode(unroutable) == "no_handler"
 
 
 def test_nack_is_overloaded(gw: Gateway) -> None:
     d, published = gw.publish()
-    published.result.errback(NackError([]))
+    published.confirm.errback(NackError([]))
     assert errorCode(d) == "overloaded"
 
 
@@ -264,37 +241,37 @@ def test_nack_is_overloaded(gw: Gateway) -> None:
                          ids=["connection-done", "channel-closed", "runtime-error"])
 def test_other_publish_failures_are_unavailable(gw: Gateway, error: Exception) -> None:
     d, published = gw.publish()
-    published.result.errback(Failure(error))
+    published.confirm.errback(Failure(error))
     assert errorCode(d) == "unavailable"
 
 
 def test_relaybus_error_from_the_channel_keeps_its_code(gw: Gateway) -> None:
     d, published = gw.publish()
-    published.result.errback(RelaybusError("overloaded", "slow down"))
+    published.confirm.errback(RelaybusError("overloaded", "slow down"))
     assert errorCode(d) == "overloaded"
 
 
 def test_return_for_an_unknown_or_empty_correlation_id_is_ignored(gw: Gateway) -> None:
-    gw.bus._messageReturned(returned(""))
-    gw.bus._messageReturned(SimpleNamespace(properties=pika.BasicProperties()))
-    assert gw.bus._returned == set()
+    gw.publishing.returnMessage(returnedProperties(""))
+    gw.publishing.returnMessage(returnedProperties(None))
     d, published = gw.publish("c-1")
-    published.result.callback(None)
+    published.confirm.callback(None)
     assert successResultOf(d) is None
 
 
-@pytest.mark.parametrize("state", ["no-channel", "closed-channel"])
+@pytest.mark.parametrize("state", ["never-set-up", "closed-channel"])
 def test_not_connected_is_unavailable_at_once(gw: Gateway, state: str) -> None:
-    if state == "no-channel":
-        gw.bus._channel = None
+    if state == "never-set-up":
+        bus = AmqpRequestBus(URL, gw.clock, Topology("t."), "gw-2")
     else:
-        gw.channel.is_open = False
-    assert not gw.bus.isReady()
+        bus = gw.bus
+        gw.publishing.is_open = False
+    assert not bus.isReady()
     message = RequestMessage("c-1", "echo", "gw-1", b"null", START + 1)
-    assert errorCode(gw.bus.publishRequest(message)) == "unavailable"
-    assert gw.channel.published == []
-    gw.bus.publishCancel(CancelNotice("c-1", "echo", "timeout"))
-    assert gw.channel.published == []
+    assert errorCode(bus.publishRequest(message)) == "unavailable"
+    assert gw.publishing.published == []
+    bus.publishCancel(CancelNotice("c-1", "echo", "timeout"))
+    assert gw.publishing.published == []
 
 
 def test_ready_with_an_open_channel(gw: Gateway) -> None:
@@ -304,21 +281,21 @@ def test_ready_with_an_open_channel(gw: Gateway) -> None:
 
 def test_publish_cancel(gw: Gateway) -> None:
     gw.bus.publishCancel(CancelNotice("c-1", "testRequest", "disconnected"))
-    [published] = gw.channel.published
-    assert (published.exchange, published.routing_key, published.body) == (
+    [published] = gw.publishing.published
+    assert (published.exchange, published.routingKey, published.body) == (
         "t.cancels", "testRequest", b"")
     assert published.mandatory is False
     assert published.properties.type == "cancel"
     assert published.properties.correlation_id == "c-1"
     assert published.properties.headers == {"relaybus-cancel-reason": "disconnected"}
-    published.result.errback(ConnectionDone())  # best effort: swallowed, nothing unhandled
-    assert published.result.called
+    published.confirm.errback(ConnectionDone())  # best effort: swallowed, nothing unhandled
+    assert published.confirm.called
 
 
 @pytest.mark.parametrize("kind", ["chunk", "response", "error"])
 def test_reply_arrived_goes_to_the_receiver(gw: Gateway, kind: str) -> None:
     headers = {"relaybus-seq": 3} if kind == "chunk" else None
-    gw.bus._replyArrived(amqpMessage("c-1", None, headers, b'"data"', kind=kind))
+    gw.reply(requestProperties("c-1", None, headers, kind=kind), b'"data"')
     assert gw.receiver.replies == [ReplyMessage(
         "c-1", "gw-1", ReplyKind(kind), b'"data"', 3 if kind == "chunk" else None)]
 
@@ -327,19 +304,19 @@ def test_reply_arrived_goes_to_the_receiver(gw: Gateway, kind: str) -> None:
                                                      ("chunk", None), ("response", "")])
 def test_unusable_replies_are_dropped(gw: Gateway, kind: str | None,
                                       correlationId: str | None) -> None:
-    gw.bus._replyArrived(amqpMessage(correlationId, kind=kind))
+    gw.reply(requestProperties(correlationId, kind=kind))
     assert gw.receiver.replies == []
 
 
 @pytest.mark.parametrize("seq", ["3", 1.5, None])
 def test_reply_seq_that_is_not_an_integer_is_none(gw: Gateway, seq: Any) -> None:
-    gw.bus._replyArrived(amqpMessage("c-1", headers={"relaybus-seq": seq}, kind="chunk"))
+    gw.reply(requestProperties("c-1", headers={"relaybus-seq": seq}, kind="chunk"))
     assert gw.receiver.replies[0].seq is None
 
 
 def test_losing_the_connection_interrupts_the_receiver(gw: Gateway) -> None:
     reason = Failure(ConnectionDone("gone"))
-    gw.bus._lost(reason)
+    gw.bus.connectionLost(reason)
     assert gw.receiver.interruptions == [reason]
     assert not gw.bus.isReady()
 
@@ -349,17 +326,22 @@ def test_losing_the_connection_interrupts_the_receiver(gw: Gateway) -> None:
 
 class Worker:
     def __init__(self) -> None:
-        self.clock = Clock()
+        self.clock = MemoryReactorClock()
         self.bus = AmqpWorkerBus(URL, self.clock, Topology("t."))
         self.receiver = FakeRequestReceiver()
         self.bus.serve(["echo", "testRequest"], self.receiver, 5)
-        self.consuming = FakeChannel()
-        self.publishing = FakeChannel()
-        self.bus._consuming = self.consuming
-        self.bus._publishing = self.publishing
+        self.connection = FakeAmqpConnection()
+        successResultOf(self.bus.setUpConnection(self.connection))
+        self.consuming, self.publishing = self.connection.channels
 
-    def arrive(self, message: Any) -> None:
-        self.bus._requestArrived(self.consuming, message)
+    def arrive(self, properties: pika.BasicProperties, body: bytes = b'{"a":1}',
+               requestType: str = "echo", deliveryTag: int = 7,
+               redelivered: bool = False) -> None:
+        self.consuming.deliver(f"t.requests.{requestType}", properties, body,
+                               deliveryTag=deliveryTag, redelivered=redelivered)
+
+    def cancelArrives(self, properties: pika.BasicProperties, requestType: str) -> None:
+        self.consuming.deliver("amq.gen-1", properties, routingKey=requestType)
 
 
 @pytest.fixture
@@ -367,8 +349,28 @@ def wk() -> Worker:
     return Worker()
 
 
+def test_worker_setup_declares_its_topology_then_consumes(wk: Worker) -> None:
+    assert wk.consuming.declarations == [
+        *[("exchange_declare", {"exchange": name, "exchange_type": "direct", "durable": True})
+          for name in ("t.requests", "t.responses", "t.cancels")],
+        ("queue_declare", {"queue": "t.requests.echo", "durable": True}),
+        ("queue_bind", {"queue": "t.requests.echo", "exchange": "t.requests",
+                        "routing_key": "echo"}),
+        ("queue_declare", {"queue": "t.requests.testRequest", "durable": True}),
+        ("queue_bind", {"queue": "t.requests.testRequest", "exchange": "t.requests",
+                        "routing_key": "testRequest"}),
+        ("queue_declare", {"queue": "amq.gen-1", "exclusive": True, "auto_delete": True}),
+        *[("queue_bind", {"queue": "amq.gen-1", "exchange": "t.cancels", "routing_key": key})
+          for key in ("echo", "testRequest")]]
+    assert wk.consuming.prefetch == 5
+    assert list(wk.consuming.consumers) == [
+        "amq.gen-1", "t.requests.echo", "t.requests.testRequest"]
+    assert wk.publishing.confirming and not wk.consuming.confirming
+    assert wk.bus.isReady()
+
+
 def test_serve_once_and_only_before_start() -> None:
-    bus = AmqpWorkerBus(URL, Clock(), Topology())
+    bus = AmqpWorkerBus(URL, MemoryReactorClock(), Topology())
     with pytest.raises(RuntimeError):
         bus.startService()
     bus.serve(["echo"], FakeRequestReceiver(), 3)
@@ -377,10 +379,10 @@ def test_serve_once_and_only_before_start() -> None:
 
 
 def test_request_arrived_becomes_a_delivery(wk: Worker) -> None:
-    wk.arrive(amqpMessage(
+    wk.arrive(requestProperties(
         "c-1", "gw-1", {"relaybus-request-type": "echo", "relaybus-deadline-ms": 1_764_000_002_500,
-                        "relaybus-gateway-id": "gw-1", "relaybus-principal": "alice"},
-        body=b'{"a":1}', routingKey="echo", deliveryTag=7, redelivered=True))
+                        "relaybus-gateway-id": "gw-1", "relaybus-principal": "alice"}),
+        body=b'{"a":1}', requestType="echo", deliveryTag=7, redelivered=True)
     [delivery] = wk.receiver.deliveries
     assert delivery.message == RequestMessage(
         correlationId="c-1", requestType="echo", replyTo="gw-1", body=b'{"a":1}',
@@ -389,7 +391,7 @@ def test_request_arrived_becomes_a_delivery(wk: Worker) -> None:
 
 
 def test_request_arrived_with_minimal_properties(wk: Worker) -> None:
-    wk.arrive(amqpMessage("c-1", "gw-1", None, routingKey="testRequest"))
+    wk.arrive(requestProperties("c-1", "gw-1", None), requestType="testRequest")
     [delivery] = wk.receiver.deliveries
     message = delivery.message
     assert message.requestType == "testRequest"  # from the routing key
@@ -401,8 +403,8 @@ def test_request_arrived_with_minimal_properties(wk: Worker) -> None:
 @pytest.mark.parametrize("deadline", ["1764000002500", 1.5e12, None])
 def test_deadline_header_that_is_not_an_integer_means_no_deadline(wk: Worker,
                                                                   deadline: Any) -> None:
-    wk.arrive(amqpMessage(headers={"relaybus-deadline-ms": deadline,
-                                   "relaybus-principal": 5}))
+    wk.arrive(requestProperties(headers={"relaybus-deadline-ms": deadline,
+                                         "relaybus-principal": 5}))
     message = wk.receiver.deliveries[0].message
     assert message.deadline == float("inf")
     assert message.principal is None
@@ -412,14 +414,14 @@ def test_deadline_header_that_is_not_an_integer_means_no_deadline(wk: Worker,
                                                         ("", "gw-1"), ("c-1", "")])
 def test_request_without_correlation_id_or_reply_to_is_acked_and_dropped(
         wk: Worker, correlationId: str | None, replyTo: str | None) -> None:
-    wk.arrive(amqpMessage(correlationId, replyTo, deliveryTag=9))
+    wk.arrive(requestProperties(correlationId, replyTo), deliveryTag=9)
     assert wk.receiver.deliveries == []
     assert wk.consuming.acks == [9]
 
 
 def test_settle_acks_or_requeues_on_the_channel(wk: Worker) -> None:
-    wk.arrive(amqpMessage("c-1", deliveryTag=1))
-    wk.arrive(amqpMessage("c-2", deliveryTag=2))
+    wk.arrive(requestProperties("c-1"), deliveryTag=1)
+    wk.arrive(requestProperties("c-2"), deliveryTag=2)
     first, second = wk.receiver.deliveries
     first.ack()
     second.requeue()
@@ -429,7 +431,7 @@ def test_settle_acks_or_requeues_on_the_channel(wk: Worker) -> None:
 
 
 def test_settle_on_a_closed_channel_does_nothing(wk: Worker) -> None:
-    wk.arrive(amqpMessage("c-1", deliveryTag=1))
+    wk.arrive(requestProperties("c-1"), deliveryTag=1)
     wk.consuming.is_open = False
     wk.receiver.deliveries[0].ack()
     wk.receiver.deliveries[0].requeue()
@@ -438,21 +440,22 @@ def test_settle_on_a_closed_channel_does_nothing(wk: Worker) -> None:
 
 def test_settle_after_a_reconnect_does_nothing(wk: Worker) -> None:
     """Delivery tags belong to their channel: never ack an old tag on the new channel."""
-    wk.arrive(amqpMessage("c-1", deliveryTag=1))
+    wk.arrive(requestProperties("c-1"), deliveryTag=1)
     old = wk.consuming
-    wk.bus._lost(Failure(ConnectionDone()))
+    wk.bus.connectionLost(Failure(ConnectionDone()))
     assert wk.receiver.interruptions and not wk.bus.isReady()
-    new = FakeChannel()
-    wk.bus._consuming = new
+    reconnected = FakeAmqpConnection()
+    successResultOf(wk.bus.setUpConnection(reconnected))
+    new = reconnected.channels[0]
     wk.receiver.deliveries[0].ack()
     assert old.acks == [] and new.acks == []
 
 
 def test_cancel_arrived(wk: Worker) -> None:
-    wk.bus._cancelArrived(amqpMessage("c-1", None, {"relaybus-cancel-reason": "timeout"},
-                                      routingKey="echo"))
-    wk.bus._cancelArrived(amqpMessage("c-2", None, None, routingKey="testRequest"))
-    wk.bus._cancelArrived(amqpMessage(None, None, None))  # unusable: dropped
+    wk.cancelArrives(requestProperties("c-1", None, {"relaybus-cancel-reason": "timeout"}),
+                     "echo")
+    wk.cancelArrives(requestProperties("c-2", None, None), "testRequest")
+    wk.cancelArrives(requestProperties(None, None, None), "echo")  # unusable: dropped
     assert wk.receiver.cancels == [CancelNotice("c-1", "echo", "timeout"),
                                    CancelNotice("c-2", "testRequest", "cancelled")]
 
@@ -463,7 +466,7 @@ def test_publish_reply_follows_the_contract(wk: Worker, kind: ReplyKind,
                                             seq: int | None) -> None:
     d = wk.bus.publishReply(ReplyMessage("c-1", "gw-7", kind, b'"x"', seq))
     [published] = wk.publishing.published
-    assert (published.exchange, published.routing_key, published.body) == (
+    assert (published.exchange, published.routingKey, published.body) == (
         "t.responses", "gw-7", b'"x"')
     properties = published.properties
     assert properties.correlation_id == "c-1"
@@ -472,13 +475,13 @@ def test_publish_reply_follows_the_contract(wk: Worker, kind: ReplyKind,
     assert properties.delivery_mode == 1
     assert properties.headers == ({"relaybus-seq": seq} if seq is not None else None)
     assertNoResult(d)
-    published.result.callback("pika's result")
+    published.confirm.callback("pika's result")
     assert successResultOf(d) is None
 
 
 def test_publish_reply_failure_is_unavailable(wk: Worker) -> None:
     d = wk.bus.publishReply(ReplyMessage("c-1", "gw-7", ReplyKind.RESPONSE, b"1"))
-    wk.publishing.published[0].result.errback(NackError([]))
+    wk.publishing.published[0].confirm.errback(NackError([]))
     assert errorCode(d) == "unavailable"
 
 
@@ -487,17 +490,16 @@ def test_publish_reply_when_not_connected_is_unavailable(wk: Worker) -> None:
     assert not wk.bus.isReady()
     assert errorCode(wk.bus.publishReply(
         ReplyMessage("c-1", "gw-7", ReplyKind.RESPONSE, b"1"))) == "unavailable"
-    wk.bus._publishing = None
+    wk.bus.connectionLost(Failure(ConnectionDone()))
     assert errorCode(wk.bus.publishReply(
         ReplyMessage("c-1", "gw-7", ReplyKind.RESPONSE, b"1"))) == "unavailable"
 
 
 def test_stop_serving_cancels_the_consumers(wk: Worker) -> None:
-    wk.bus._consumerTags = ["ctag-1", "ctag-2"]
     wk.bus.stopServing(wk.receiver)
-    assert wk.consuming.cancelledConsumers == ["ctag-1", "ctag-2"]
+    assert wk.consuming.cancelled == ["ctag-t.requests.echo", "ctag-t.requests.testRequest"]
     wk.bus.stopServing(wk.receiver)  # nothing left to cancel
-    assert wk.consuming.cancelledConsumers == ["ctag-1", "ctag-2"]
+    assert wk.consuming.cancelled == ["ctag-t.requests.echo", "ctag-t.requests.testRequest"]
 
 
 # consumeForever
@@ -585,12 +587,12 @@ def test_cancelled_send_chunk_does_not_cancel_the_publish(wk: Worker) -> None:
     published.cancel()
     failureResultOf(published).trap(CancelledError)
     [sent] = wk.publishing.published
-    sent.result.callback(None)  # the broker's confirm comes later: nothing breaks
+    sent.confirm.callback(None)  # the broker's confirm comes later: nothing breaks
 
 
 def test_amqp_connections_disable_nagle() -> None:
     transport = StringTransport()
     transport.setTcpNoDelay = lambda enabled: setattr(transport, "noDelay", enabled)
-    connection = _Connection(pika.ConnectionParameters())
+    connection = AmqpConnection(pika.ConnectionParameters(), Clock(), lambda *_: None)
     connection.makeConnection(transport)
     assert transport.noDelay is True

@@ -1,60 +1,94 @@
-"""BrokerLink's reactions to a connection that goes away during or after setup, with a fake
-connection and a Clock: what it aborts, and what it logs (a lost connection is a warning with
-its real reason, never a traceback or a made-up reason)."""
+"""BrokerLink, the reconnecting AMQP connection, with real pika over a StringTransport and a
+MemoryReactorClock: the documented backoff policy, connection.blocked, what it aborts and what
+it logs (a lost connection is a warning with its real reason, never a traceback or a made-up
+reason), and a bounded stop."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import pika
+import pika.spec
 import pytest
+from amqpwire import handshake, method, methodNames, refusedLogin
 from pika.exceptions import ChannelClosedByBroker
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionLost
-from twisted.internet.task import Clock
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
-from relaybus.amqp import BrokerLink
+from relaybus.amqp.link import CLOSE_TIMEOUT_S, Backoff, BrokerLink
 
-URL = "amqp://guest:guest@127.0.0.1:5672/"
-
-
-class FakeTransport:
-    def __init__(self) -> None:
-        self.aborted = 0
-
-    def abortConnection(self) -> None:
-        self.aborted += 1
-
-
-class FakeConnection:
-    """What BrokerLink touches of pika's TwistedProtocolConnection."""
-
-    def __init__(self) -> None:
-        self.is_open = True
-        self.transport = FakeTransport()
+NO_JITTER = Backoff(jitter=lambda: 0.0)
 
 
 class Link:
-    def __init__(self) -> None:
+    """A started BrokerLink whose TCP connects the test answers (or refuses) by hand."""
+
+    def __init__(self, backoff: Backoff = NO_JITTER, setupSucceeds: bool = False,
+                 setupOpensAChannel: bool = False) -> None:
+        self.reactor = MemoryReactorClock()
         self.setups: list[Deferred[Any]] = []
         self.lost: list[Failure] = []
-        self.clock = Clock()
-        self.link = BrokerLink(URL, self.clock, "test link", self._setup, self.lost.append)
-        self.link.running = True  # as if started; no ClientService, no sockets
-        self.connection = FakeConnection()
+        self.connections: list[Any] = []  # what setup was called with: our AmqpConnection
+        self.setupSucceeds = setupSucceeds
+        self.setupOpensAChannel = setupOpensAChannel
+        self.link = BrokerLink(TCP4ClientEndpoint(self.reactor, "127.0.0.1", 5672),
+                               pika.ConnectionParameters(), self.reactor, "test link",
+                               self._setup, self.lost.append, backoff)
+        self.transport: StringTransport | None = None
+        self.protocol: Any = None
+        self.link.startService()
 
     def _setup(self, connection: Any) -> Deferred[Any]:
+        self.connections.append(connection)
+        if self.setupSucceeds:
+            return succeed(None)
+        if self.setupOpensAChannel:  # pika fails it if the connection goes meanwhile
+            opening: Deferred[Any] = connection.channel()
+            return opening
         d: Deferred[Any] = Deferred()
         self.setups.append(d)
         return d
 
-    def handshaken(self) -> Deferred[Any]:
-        return self.link._handshaken(self.connection)
+    @property
+    def connection(self) -> Any:
+        return self.connections[-1]
 
-    def connectionLost(self, reason: Failure) -> None:
-        self.connection.is_open = False
-        self.link._connectionLost(self.connection, reason)
+    def accept(self, data: bytes = b"") -> None:
+        """Answer the pending TCP connect, then play the broker's side of the handshake."""
+        _host, _port, factory, _timeout, _bind = self.reactor.tcpClients[-1]
+        self.protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5672))
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+        if data:
+            self.protocol.dataReceived(data)
+
+    def connectAndSetUp(self) -> None:
+        self.accept(handshake())
+        assert self.connection.is_open
+
+    def refuse(self) -> None:
+        connector = self.reactor.connectors[-1]
+        _host, _port, factory, _timeout, _bind = self.reactor.tcpClients[-1]
+        factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
+
+    def lose(self, reason: Exception | None = None) -> Failure:
+        failure = Failure(reason or ConnectionLost("cut"))
+        self.protocol.connectionLost(failure)
+        return failure
+
+    def nextAttemptAfter(self) -> float:
+        """Run the clock until the link connects again; the seconds that took."""
+        start, attempts = self.reactor.seconds(), len(self.reactor.tcpClients)
+        while len(self.reactor.tcpClients) == attempts:
+            pending = sorted(call.getTime() for call in self.reactor.getDelayedCalls())
+            assert pending, "no reconnect is scheduled"
+            self.reactor.advance(pending[0] - self.reactor.seconds())
+        return round(self.reactor.seconds() - start, 6)
 
 
 @pytest.fixture
@@ -63,27 +97,105 @@ def link() -> Link:
 
 
 def _logged(events: list[dict[str, Any]]) -> list[tuple[LogLevel, str, bool]]:
-    """(level, text, has a traceback) of each event."""
-    return [(e["log_level"], formatEvent(e), "log_failure" in e) for e in events]
+    """(level, text, has a traceback) of each relaybus event (not ClientService's)."""
+    return [(e["log_level"], formatEvent(e), "log_failure" in e) for e in events
+            if e.get("log_namespace", "").startswith("relaybus")]
 
 
-def test_connection_lost_during_setup_is_one_warning_without_traceback(link: Link) -> None:
-    link.handshaken()
+# The documented backoff: 0.5 s doubling to 10 s, jitter of up to a quarter, reset only after
+# a successful setup.
+
+
+def test_refused_connects_back_off_from_half_a_second_doubling_to_ten(link: Link) -> None:
+    delays = []
+    for _ in range(8):
+        link.refuse()
+        delays.append(link.nextAttemptAfter())
+    assert delays == [0.5, 1, 2, 4, 8, 10, 10, 10]
+
+
+def test_jitter_shortens_each_delay_by_up_to_a_quarter() -> None:
+    mostJitter = Link(Backoff(jitter=lambda: 0.999999))
+    delays = []
+    for _ in range(6):
+        mostJitter.refuse()
+        delays.append(mostJitter.nextAttemptAfter())
+    assert delays == pytest.approx([0.375, 0.75, 1.5, 3, 6, 7.5], abs=1e-4)
+    sampled = [Backoff().delay(3) for _ in range(500)]  # the default jitter is random
+    assert 1.5 <= min(sampled) < 1.6 and 1.9 < max(sampled) <= 2.0
+
+
+def test_a_refused_login_backs_off_like_a_refused_connect(link: Link) -> None:
+    """A TCP connect that succeeds must not reset the backoff: a wrong password would
+    otherwise retry in a tight loop."""
+    delays = []
+    for _ in range(4):
+        link.accept(refusedLogin())
+        link.lose()
+        delays.append(link.nextAttemptAfter())
+    assert delays == [0.5, 1, 2, 4]
+    assert link.lost == []  # never set up: nothing was in flight
+
+
+def test_backoff_resets_only_after_a_successful_setup(link: Link) -> None:
+    link.connectAndSetUp()
+    link.setups[-1].errback(Failure(ChannelClosedByBroker(406, "PRECONDITION_FAILED")))
+    link.lose()  # the abort reaches connectionLost
+    first = link.nextAttemptAfter()
+    link.connectAndSetUp()
+    link.setups[-1].errback(Failure(ChannelClosedByBroker(406, "PRECONDITION_FAILED")))
+    link.lose()
+    second = link.nextAttemptAfter()
+    assert (first, second) == (0.5, 1)  # failed setups keep doubling
+    link.connectAndSetUp()
+    link.setups[-1].callback(None)
+    assert link.link.ready
+    link.lose()
+    assert link.nextAttemptAfter() == 0.5  # a working connection that dropped: start over
+
+
+def test_connection_blocked_makes_the_link_not_ready_until_unblocked() -> None:
+    link = Link(setupSucceeds=True)
+    link.connectAndSetUp()
+    assert link.link.ready and not link.link.blocked
+    with capturedLogs() as events:
+        link.protocol.dataReceived(method(0, pika.spec.Connection.Blocked(reason="low on memory")))
+        assert link.link.blocked and not link.link.ready
+        link.protocol.dataReceived(method(0, pika.spec.Connection.Unblocked()))
+    assert link.link.ready and not link.link.blocked
+    assert [text for _, text, _ in _logged(events)] == [
+        "AMQP test link: the broker blocks this connection (resource alarm)",
+        "AMQP test link: the broker unblocked this connection (resource alarm)"]
+
+
+def test_blocked_is_forgotten_with_the_connection() -> None:
+    link = Link(setupSucceeds=True)
+    link.connectAndSetUp()
+    link.protocol.dataReceived(method(0, pika.spec.Connection.Blocked(reason="disk")))
+    link.lose()
+    assert not link.link.blocked  # the next connection starts unblocked
+    assert len(link.lost) == 1
+
+
+# What a lost connection costs, and what is logged
+
+
+def test_connection_lost_during_setup_is_one_warning_without_traceback() -> None:
+    link = Link(setupOpensAChannel=True)
+    link.connectAndSetUp()
     reason = Failure(ConnectionLost("cut"))
     with capturedLogs() as events:
-        # pika closes the connection's channels (failing the setup) before connectionLost
-        link.connection.is_open = False
-        link.setups[0].errback(reason)
-        link.connectionLost(reason)
+        # pika fails the setup's channel.open first, then connectionLost reaches the link
+        link.protocol.connectionLost(reason)
     assert _logged(events) == [
         (LogLevel.warn, "AMQP test link: connection lost: Connection to the other side was "
                         "lost in a non-clean fashion: cut.", False)]
-    assert link.lost == [reason]
+    assert link.lost == [reason]  # deliveries may have been handed out during setup
     assert link.link.connection is None
 
 
 def test_setup_failing_on_an_open_connection_is_logged_and_dropped(link: Link) -> None:
-    link.handshaken()
+    link.connectAndSetUp()
     with capturedLogs() as events:
         link.setups[0].errback(Failure(ChannelClosedByBroker(406, "PRECONDITION_FAILED")))
     logged = _logged(events)
@@ -91,18 +203,18 @@ def test_setup_failing_on_an_open_connection_is_logged_and_dropped(link: Link) -
         (LogLevel.critical, "AMQP test link: setting up the connection failed"),
         (LogLevel.warn, "AMQP test link: reconnecting: setup failed")]
     assert logged[0][2], "the setup failure carries its traceback"
-    assert link.connection.transport.aborted == 1
+    assert link.transport is not None and link.transport.disconnected
 
 
 def test_consumer_closing_with_its_connection_is_not_blamed_on_the_broker(link: Link) -> None:
-    link.handshaken()
+    link.connectAndSetUp()
     link.setups[0].callback(None)
     assert link.link.connection is link.connection
     reason = Failure(ConnectionLost("closed by the broker"))
     with capturedLogs() as events:
-        link.connection.is_open = False  # its consumers stop because the connection went
+        # the connection goes first; its consumers stop because of that
+        link.protocol.connectionLost(reason)
         link.link.drop(link.connection, "the broker cancelled the reply consumer")
-        link.connectionLost(reason)
     assert [text for _, text, _ in _logged(events)] == [
         "AMQP test link: connection lost: Connection to the other side was lost in a "
         "non-clean fashion: closed by the broker."]
@@ -110,11 +222,50 @@ def test_consumer_closing_with_its_connection_is_not_blamed_on_the_broker(link: 
 
 
 def test_consumer_cancelled_on_an_open_connection_drops_it(link: Link) -> None:
-    link.handshaken()
+    link.connectAndSetUp()
     link.setups[0].callback(None)
     with capturedLogs() as events:
         link.link.drop(link.connection, "the broker cancelled the reply consumer")
         link.link.drop(link.connection, "the reply channel closed")
     assert [text for _, text, _ in _logged(events)] == [
         "AMQP test link: reconnecting: the broker cancelled the reply consumer"]
-    assert link.connection.transport.aborted == 1
+    assert link.transport is not None and link.transport.disconnected
+
+
+def test_setup_that_hangs_is_dropped_after_fifteen_seconds(link: Link) -> None:
+    link.connectAndSetUp()
+    with capturedLogs() as events:
+        link.reactor.advance(15)
+    assert [text for _, text, _ in _logged(events)] == [
+        "AMQP test link: setup took over 15.0 s", "AMQP test link: reconnecting: setup timed out"]
+    assert link.transport is not None and link.transport.disconnected
+
+
+# Stopping
+
+
+def test_stop_closes_politely(link: Link) -> None:
+    link.connectAndSetUp()
+    link.setups[0].callback(None)
+    assert link.transport is not None
+    link.transport.clear()
+    stopped = link.link.stopService()
+    assert methodNames(link.transport.value()) == ["Close"]
+    link.protocol.dataReceived(method(0, pika.spec.Connection.CloseOk()))
+    link.lose()
+    fired: list[Any] = []
+    stopped.addBoth(fired.append)
+    assert fired == [None]
+    assert link.lost == []  # a stop is no loss
+
+
+def test_stop_is_bounded_when_the_broker_does_not_read(link: Link) -> None:
+    link.connectAndSetUp()
+    link.setups[0].callback(None)
+    stopped = link.link.stopService()
+    fired: list[Any] = []
+    stopped.addBoth(fired.append)
+    link.reactor.advance(CLOSE_TIMEOUT_S)  # no close-ok: the broker is not reading
+    assert link.transport is not None and link.transport.disconnected  # aborted
+    link.reactor.advance(CLOSE_TIMEOUT_S)
+    assert fired == [None], "BrokerLink.stopService() still waiting"

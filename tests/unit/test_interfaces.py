@@ -12,7 +12,9 @@ from workers import examples
 from zope.interface import Interface
 from zope.interface.verify import verifyClass, verifyObject
 
-from relaybus.amqp import AmqpRequestBus, AmqpWorkerBus, Topology
+from relaybus.amqp.gatewaybus import AmqpRequestBus
+from relaybus.amqp.topology import Topology
+from relaybus.amqp.workerbus import AmqpWorkerBus
 from relaybus.config import GatewayConfig, Limits
 from relaybus.correlation import CorrelationTable
 from relaybus.gateway import GatewayFactory, GatewayProtocol

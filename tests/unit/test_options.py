@@ -8,7 +8,7 @@ import types
 import pytest
 from twisted.python.usage import UsageError
 
-from relaybus.amqp import Topology
+from relaybus.amqp.topology import Topology
 from relaybus.config import GatewayConfig, Limits, WorkerConfig
 from relaybus.options import GatewayOptions, WorkerOptions
 from relaybus.testing import FakeRequestHandler

@@ -1,0 +1,92 @@
+"""relaybus messages <-> AMQP properties and headers: the wire half of docs/protocol.md's
+AMQP contract, with no connection, channel or reactor in sight (benchmarks reuse it)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pika
+
+from relaybus.messages import CancelNotice, ReplyKind, ReplyMessage, RequestMessage
+
+HEADER_REQUEST_TYPE = "relaybus-request-type"
+HEADER_DEADLINE_MS = "relaybus-deadline-ms"
+HEADER_GATEWAY_ID = "relaybus-gateway-id"
+HEADER_PRINCIPAL = "relaybus-principal"
+HEADER_SEQ = "relaybus-seq"
+HEADER_CANCEL_REASON = "relaybus-cancel-reason"
+CONTENT_TYPE = "application/json"
+TRANSIENT = 1  # delivery_mode: requests and replies are worthless after their deadline
+DEFAULT_CANCEL_REASON = "cancelled"
+
+
+def _properties(**fields: Any) -> pika.BasicProperties:
+    return pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=TRANSIENT, **fields)
+
+
+def _headers(properties: pika.BasicProperties) -> Mapping[str, Any]:
+    return properties.headers or {}
+
+
+def requestProperties(message: RequestMessage, now: float) -> pika.BasicProperties:
+    """The per-message TTL is what is left until the deadline (at least 1 ms), so a request
+    that waited in its queue past the deadline is dropped by the broker, not run."""
+    return _properties(
+        correlation_id=message.correlationId, reply_to=message.replyTo, type="request",
+        expiration=str(max(1, int((message.deadline - now) * 1000))), timestamp=int(now),
+        headers={
+            HEADER_REQUEST_TYPE: message.requestType,
+            HEADER_DEADLINE_MS: int(message.deadline * 1000),
+            HEADER_GATEWAY_ID: message.gatewayId,
+            HEADER_PRINCIPAL: message.principal,
+        })
+
+
+def requestFromAmqp(routingKey: str, properties: pika.BasicProperties,
+                    body: bytes) -> RequestMessage | None:
+    """None when it cannot be answered (no correlation_id or reply_to). Headers of the wrong
+    type count as absent: a deadline that is not an integer means none."""
+    if not properties.correlation_id or not properties.reply_to:
+        return None
+    headers = _headers(properties)
+    deadlineMs = headers.get(HEADER_DEADLINE_MS)
+    principal = headers.get(HEADER_PRINCIPAL)
+    return RequestMessage(
+        correlationId=properties.correlation_id,
+        requestType=routingKey,  # the queue is bound by it: always right
+        replyTo=properties.reply_to, body=body,
+        deadline=deadlineMs / 1000 if isinstance(deadlineMs, int) else float("inf"),
+        gatewayId=str(headers.get(HEADER_GATEWAY_ID) or ""),
+        principal=principal if isinstance(principal, str) else None)
+
+
+def replyProperties(reply: ReplyMessage) -> pika.BasicProperties:
+    headers = {HEADER_SEQ: reply.seq} if reply.seq is not None else None
+    return _properties(correlation_id=reply.correlationId, type=str(reply.kind),
+                       headers=headers)
+
+
+def replyFromAmqp(properties: pika.BasicProperties, body: bytes,
+                  replyTo: str) -> ReplyMessage | None:
+    """None when it cannot be routed (an unknown type, no correlation_id). A seq that is not
+    an integer counts as absent."""
+    kind = properties.type
+    if kind not in ReplyKind._value2member_map_ or not properties.correlation_id:
+        return None
+    seq = _headers(properties).get(HEADER_SEQ)
+    return ReplyMessage(correlationId=properties.correlation_id, replyTo=replyTo,
+                        kind=ReplyKind(kind), body=body,
+                        seq=seq if isinstance(seq, int) else None)
+
+
+def cancelProperties(notice: CancelNotice) -> pika.BasicProperties:
+    return _properties(correlation_id=notice.correlationId, type="cancel",
+                       headers={HEADER_CANCEL_REASON: notice.reason})
+
+
+def cancelFromAmqp(routingKey: str, properties: pika.BasicProperties) -> CancelNotice | None:
+    if not properties.correlation_id:
+        return None
+    reason = _headers(properties).get(HEADER_CANCEL_REASON) or DEFAULT_CANCEL_REASON
+    return CancelNotice(properties.correlation_id, routingKey, str(reason))

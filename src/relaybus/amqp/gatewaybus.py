@@ -1,0 +1,131 @@
+"""A gateway's side of RabbitMQ: requests and cancel notices out, its own reply queue in."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+from pika.adapters.twisted_connection import (
+    ReceivedMessage,
+    TwistedChannel,
+    TwistedProtocolConnection,
+)
+from pika.exceptions import NackError, UnroutableError
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from relaybus.amqp import codec
+from relaybus.amqp.link import BrokerLink, consumeForever, detached, notReachable, unavailable
+from relaybus.amqp.topology import Topology
+from relaybus.errors import ErrorCode, RelaybusError
+from relaybus.interfaces import IReplyReceiver, IRequestBus
+from relaybus.messages import CancelNotice, RequestMessage
+
+log = Logger(namespace="relaybus.amqp")
+
+
+@implementer(IRequestBus)
+class AmqpRequestBus(MultiService):
+    """Publishes requests (mandatory, with confirms) and cancels; consumes its reply queue.
+
+    `BrokerLink` calls `setUpConnection` after every (re)connect and `connectionLost` when
+    the connection goes; unit tests call them with the fakes of relaybus.testing.
+    """
+
+    def __init__(self, url: str, reactor: IReactorTime, topology: Topology,
+                 gatewayId: str) -> None:
+        super().__init__()
+        self.replyTo = gatewayId
+        self._clock = reactor
+        self._topology = topology
+        self._receiver: IReplyReceiver | None = None
+        self._publishing: TwistedChannel | None = None
+        self._returned: set[str] = set()
+        self._link = BrokerLink.forURL(url, reactor, f"relaybus gateway {gatewayId}",
+                                       self.setUpConnection, self.connectionLost)
+        self._link.setServiceParent(self)
+
+    def listen(self, receiver: IReplyReceiver) -> None:
+        self._receiver = receiver
+
+    def isReady(self) -> bool:
+        """Connected, set up, and not blocked by a broker resource alarm."""
+        return (self._publishing is not None and self._publishing.is_open
+                and not self._link.blocked)
+
+    @inlineCallbacks
+    def setUpConnection(self, connection: TwistedProtocolConnection
+                        ) -> Generator[Deferred[Any], Any, None]:
+        topology, link = self._topology, self._link
+        consuming = yield connection.channel()
+        link.watchChannel(connection, consuming, "the reply channel closed")
+        yield topology.declareExchanges(consuming)
+        replyQueue = yield topology.declareReplyQueue(consuming, self.replyTo)
+        publishing = yield connection.channel()
+        link.watchChannel(connection, publishing, "the publishing channel closed")
+        yield publishing.confirm_delivery()
+        publishing.add_on_return_callback(self._messageReturned)
+        queue, _tag = yield consuming.basic_consume(queue=replyQueue, auto_ack=True)
+        consumeForever(queue, self._replyArrived, lambda: link.drop(
+            connection, "the broker cancelled the reply consumer"))
+        self._returned.clear()
+        self._publishing = publishing
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._publishing = None
+        if self._receiver is not None:
+            self._receiver.busInterrupted(reason)
+
+    def publishRequest(self, message: RequestMessage) -> Deferred[None]:
+        channel = self._publishing
+        if channel is None or not channel.is_open:
+            return notReachable()
+        correlationId = message.correlationId
+        published = channel.basic_publish(
+            exchange=self._topology.requestsExchange, routing_key=message.requestType,
+            body=message.body, properties=codec.requestProperties(message, self._clock.seconds()),
+            mandatory=True)
+
+        def settled(result: object) -> Failure | None:
+            # The adapter can blame a basic.return on the wrong publish (see the field notes):
+            # whether *this* message came back is decided by its correlation_id alone.
+            returned = correlationId in self._returned
+            self._returned.discard(correlationId)
+            if returned:
+                raise RelaybusError(ErrorCode.NO_HANDLER,
+                                    f"no worker serves requestType {message.requestType!r}")
+            if isinstance(result, Failure) and not result.check(UnroutableError):
+                if result.check(NackError):
+                    raise RelaybusError(ErrorCode.OVERLOADED,
+                                        "the message broker refused the request")
+                return unavailable(result)
+            return None
+
+        return detached(published).addBoth(settled)
+
+    def _messageReturned(self, message: ReceivedMessage) -> None:
+        correlationId = message.properties.correlation_id
+        if correlationId:
+            self._returned.add(correlationId)
+
+    def publishCancel(self, notice: CancelNotice) -> None:
+        channel = self._publishing
+        if channel is None or not channel.is_open:
+            return
+        channel.basic_publish(
+            exchange=self._topology.cancelsExchange, routing_key=notice.requestType,
+            body=b"", properties=codec.cancelProperties(notice)).addErrback(
+            lambda f: log.debug("Cancel notice not published: {why}", why=f.getErrorMessage()))
+
+    def _replyArrived(self, message: ReceivedMessage) -> None:
+        reply = codec.replyFromAmqp(message.properties, message.body, self.replyTo)
+        if reply is None:
+            log.warn("Dropped a reply with type {kind!r} and no usable correlation_id",
+                     kind=message.properties.type)
+            return
+        if self._receiver is not None:
+            self._receiver.replyReceived(reply)

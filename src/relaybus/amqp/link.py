@@ -1,0 +1,358 @@
+"""One AMQP connection that keeps coming back, and the pika traps every user of it must avoid.
+
+The buses build on `BrokerLink`; the helpers below it (`detached`, `atMost`, `consumeForever`,
+`watchChannel`) are how they talk to pika's Twisted adapter safely.
+"""
+
+from __future__ import annotations
+
+import random
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import pika
+from pika.adapters.twisted_connection import (
+    ClosableDeferredQueue,
+    ReceivedMessage,
+    TwistedChannel,
+    TwistedProtocolConnection,
+)
+from pika.exceptions import AMQPConnectionError
+from twisted.application.internet import ClientService
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IAddress, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relaybus.errors import ErrorCode, RelaybusError
+
+log = Logger(namespace="relaybus.amqp")
+
+SETUP_TIMEOUT_S = 15.0
+CLOSE_TIMEOUT_S = 3.0
+CONNECT_TIMEOUT_S = 10
+# RabbitMQ proposes 60 s, so a silently cut connection went unnoticed for minutes (and the
+# gateway stayed "ready"); `?heartbeat=N` in the broker URL overrides this.
+DEFAULT_HEARTBEAT_S = 15
+
+
+def brokerParameters(url: str) -> pika.URLParameters:
+    parameters = pika.URLParameters(url)
+    if "heartbeat" not in urllib.parse.parse_qs(urllib.parse.urlsplit(url).query):
+        parameters.heartbeat = DEFAULT_HEARTBEAT_S
+    return parameters
+
+
+def validateBrokerURL(url: str) -> None:
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("amqp", "amqps") or not parsed.hostname:
+        raise ValueError(f"broker must be 'memory' or an amqp:// or amqps:// URL, not {url!r}")
+
+
+def endpointForURL(reactor: Any, url: str) -> IStreamClientEndpoint:
+    """pika ignores host, port and TLS in its parameters: Twisted does the connecting."""
+    parsed = urllib.parse.urlsplit(url)
+    host = parsed.hostname or "localhost"
+    if parsed.scheme == "amqps":
+        return wrapClientTLS(optionsForClientTLS(host), HostnameEndpoint(
+            reactor, host, parsed.port or 5671, timeout=CONNECT_TIMEOUT_S))
+    return HostnameEndpoint(reactor, host, parsed.port or 5672, timeout=CONNECT_TIMEOUT_S)
+
+
+@attrs.frozen
+class Backoff:
+    """The delay before reconnect attempt N (1, 2, ...): `initialS` doubling up to `maxS`,
+    each shortened by up to `jitterShare` at random so that many clients cut at once do not
+    come back at once. `jitter` returns a number in [0, 1); tests pass a constant."""
+
+    initialS: float = 0.5
+    maxS: float = 10.0
+    jitterShare: float = 0.25
+    jitter: Callable[[], float] = random.random
+
+    def delay(self, attempt: int) -> float:
+        full = min(self.initialS * 2 ** (attempt - 1), self.maxS)
+        return full * (1 - self.jitterShare * self.jitter())
+
+
+def consumeForever(queue: ClosableDeferredQueue, handle: Callable[[ReceivedMessage], None],
+                   stopped: Callable[[], None] | None = None) -> None:
+    """Feed each message of a pika consumer queue to `handle` until the queue closes, then
+    call `stopped` (the broker cancelled the consumer, or its channel or connection died).
+
+    Iterative, not recursive: a backlog of ready messages must not grow the stack.
+    """
+
+    def deliver(message: ReceivedMessage) -> bool:
+        try:
+            handle(message)
+        except Exception:
+            log.failure("Handling an AMQP message failed")
+        return True
+
+    def later(more: bool) -> None:
+        if more:
+            step()
+        elif stopped is not None:
+            stopped()
+
+    def step() -> None:
+        while True:
+            d = queue.get().addCallbacks(deliver, lambda _failure: False)
+            if not d.called:  # nothing ready yet: continue when something arrives
+                d.addCallback(later)
+                return
+            more: list[bool] = []
+            d.addCallback(more.append)
+            if not more[0]:  # the queue is closed: channel or connection gone
+                if stopped is not None:
+                    stopped()
+                return
+
+    step()
+
+
+def detached(published: Deferred[Any]) -> Deferred[Any]:
+    """pika's result, in a Deferred of our own: cancelling it (a handler cancelled while it
+    awaits sendChunk) must never cancel pika's Deferred (pika #1282, see the field notes)."""
+    ours: Deferred[Any] = Deferred()
+
+    def relay(result: Any) -> None:
+        if ours.called:  # cancelled already; the late result needs no further handling
+            return
+        if isinstance(result, Failure):
+            ours.errback(result)
+        else:
+            ours.callback(result)
+
+    published.addBoth(relay)
+    return ours
+
+
+def atMost(d: Deferred[Any], seconds: float, clock: IReactorTime) -> Deferred[None]:
+    """Fires (with None) when `d` does or after `seconds`, whichever comes first; never
+    cancels `d` and never fails."""
+    ours: Deferred[None] = Deferred()
+
+    def fire(_: Any = None) -> None:
+        if not ours.called:
+            ours.callback(None)
+
+    detached(d).addBoth(fire)
+    timer = clock.callLater(seconds, fire)
+    ours.addCallback(lambda _: timer.cancel() if timer.active() else None)
+    return ours
+
+
+def unavailable(failure: Failure) -> Failure:
+    """A publish the broker did not take, as the error code clients see."""
+    if failure.check(RelaybusError, CancelledError):
+        return failure
+    why = failure.getErrorMessage()
+    return Failure(RelaybusError(ErrorCode.UNAVAILABLE, f"the broker did not take it: {why}"))
+
+
+def notReachable() -> Deferred[None]:
+    return fail(RelaybusError(ErrorCode.UNAVAILABLE, "the message broker is not reachable"))
+
+
+class AmqpConnection(TwistedProtocolConnection):
+    """pika's protocol, with TCP_NODELAY and a word to its link when the TCP connection goes."""
+
+    def __init__(self, parameters: pika.ConnectionParameters, clock: IReactorTime,
+                 onLost: Callable[[AmqpConnection, Failure], None]) -> None:
+        super().__init__(parameters, custom_reactor=clock)
+        self._onLost = onLost
+
+    def connectionMade(self) -> None:
+        # Twisted connects, so pika's own TCP_NODELAY is skipped: without it Nagle and delayed
+        # ACKs add ~40 ms to a reply followed by its ack.
+        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
+            setNoDelay(True)
+        super().connectionMade()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        self._onLost(self, reason)
+
+
+SetUp = Callable[[TwistedProtocolConnection], Deferred[Any]]
+
+
+class BrokerLink(Service):
+    """One AMQP connection that keeps coming back.
+
+    `setup(connection)` runs after every (re)connect and must reopen channels, topology and
+    consumers; `lost(reason)` runs when a set-up connection (or one being set up) goes away.
+    Backoff grows across failed handshakes and setups, not just failed TCP connects, and
+    resets only after a successful setup (so a wrong password does not retry in a tight loop).
+    """
+
+    def __init__(self, endpoint: IStreamClientEndpoint, parameters: pika.ConnectionParameters,
+                 clock: IReactorTime, name: str, setup: SetUp, lost: Callable[[Failure], None],
+                 backoff: Backoff = Backoff()) -> None:
+        self._endpoint = endpoint
+        self._parameters = parameters
+        self._clock = clock
+        self._name = name
+        self._setup = setup
+        self._lost = lost
+        self._backoff = backoff
+        self._client: ClientService | None = None
+        self._failedAttempts = 0  # since the last successful setup
+        self._settingUp: TwistedProtocolConnection | None = None
+        self._dropped: TwistedProtocolConnection | None = None
+        self.connection: TwistedProtocolConnection | None = None
+        self.blocked = False  # the broker refuses to read from us (memory or disk alarm)
+
+    @classmethod
+    def forURL(cls, url: str, reactor: Any, name: str, setup: SetUp,
+               lost: Callable[[Failure], None]) -> BrokerLink:
+        """The link a gateway or worker uses: `name` shows in RabbitMQ's connection list."""
+        parameters = brokerParameters(url)
+        parameters.client_properties = {"connection_name": name, "product": "relaybus"}
+        return cls(endpointForURL(reactor, url), parameters, reactor, name, setup, lost)
+
+    @property
+    def ready(self) -> bool:
+        return self.connection is not None and self.connection.is_open and not self.blocked
+
+    def startService(self) -> None:
+        super().startService()
+        link = self
+
+        class _Factory(Factory):
+            noisy = False
+
+            def buildProtocol(self, addr: IAddress | None) -> AmqpConnection:
+                protocol = AmqpConnection(link._parameters, link._clock, link._connectionLost)
+                assert protocol.ready is not None
+                protocol.ready.addCallbacks(lambda _: link._handshaken(protocol),
+                                            link._handshakeFailed)
+                return protocol
+
+        self._client = ClientService(self._endpoint, _Factory(), retryPolicy=self._nextDelay,
+                                     clock=self._clock)
+        self._client.startService()
+
+    def _nextDelay(self, _clientServiceAttempts: int) -> float:
+        # ClientService counts failed TCP connects only, and restarts its count on each one
+        # that succeeds: ours counts every attempt since the last successful setup.
+        self._failedAttempts += 1
+        return self._backoff.delay(self._failedAttempts)
+
+    def _handshakeFailed(self, failure: Failure) -> None:
+        if failure.check(AMQPConnectionError):
+            # pika reports any stream lost during the handshake as a refusal: keep its reason
+            # so an operator can tell a cut connection from a refused login.
+            detail = failure.getErrorMessage() or repr(failure.value)
+            why = ("the AMQP handshake failed (a refused login: check user, password and "
+                   f"vhost; or a dropped connection): {detail}")
+        else:
+            why = failure.getErrorMessage() or repr(failure.value)
+        log.warn("AMQP {name}: connection failed: {why}", name=self._name, why=why)
+
+    def _handshaken(self, connection: TwistedProtocolConnection) -> Deferred[None]:
+        self._settingUp = connection
+        # pika's Twisted adapter has no public hook for connection.blocked (see field notes)
+        impl = connection._impl
+        impl.add_on_connection_blocked_callback(lambda *_: self._setBlocked(True))
+        impl.add_on_connection_unblocked_callback(lambda *_: self._setBlocked(False))
+
+        def ready(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+            if not connection.is_open or self._settingUp is not connection:
+                return
+            self._settingUp = None
+            self._failedAttempts = 0
+            self.connection = connection
+            log.info("AMQP {name}: connected and set up", name=self._name)
+
+        def failed(failure: Failure) -> None:
+            if timer.active():
+                timer.cancel()
+            lostMidway = not connection.is_open  # then _connectionLost says why
+            if self._settingUp is connection:
+                if not lostMidway:
+                    log.failure("AMQP {name}: setting up the connection failed", failure,
+                                name=self._name)
+                self.drop(connection, "setup failed")
+
+        def tooSlow() -> None:
+            log.warn("AMQP {name}: setup took over {s} s", name=self._name, s=SETUP_TIMEOUT_S)
+            self.drop(connection, "setup timed out")
+
+        timer = self._clock.callLater(SETUP_TIMEOUT_S, tooSlow)
+        return detached(self._setup(connection)).addCallbacks(ready, failed)
+
+    def _setBlocked(self, blocked: bool) -> None:
+        self.blocked = blocked
+        log.warn("AMQP {name}: the broker {state} this connection (resource alarm)",
+                 name=self._name, state="blocks" if blocked else "unblocked")
+
+    def drop(self, connection: TwistedProtocolConnection, why: str) -> None:
+        """Abort `connection` if it is still ours, so the normal reconnect path takes over
+        (used when a channel or consumer dies while the connection lives on).
+
+        A connection that is no longer open is going already, and its channels and consumers
+        close with it: `why` is not the reason then, and _connectionLost logs the real one.
+        """
+        if connection not in (self.connection, self._settingUp) or not self.running:
+            return
+        if connection is self._dropped:  # one reason is enough
+            return
+        self._dropped = connection
+        transport = connection.transport
+        if transport is not None:
+            if connection.is_open:
+                log.warn("AMQP {name}: reconnecting: {why}", name=self._name, why=why)
+            transport.abortConnection()
+
+    def watchChannel(self, connection: TwistedProtocolConnection, channel: TwistedChannel,
+                     why: str) -> None:
+        """A channel the broker closes while its connection lives on (a 406, a deleted queue)
+        would leave a zombie: reconnect instead, which re-creates everything."""
+        channel.on_closed.addBoth(lambda _: self.drop(connection, why))
+
+    def _connectionLost(self, connection: TwistedProtocolConnection, reason: Failure) -> None:
+        if connection is self._settingUp:
+            self._settingUp = None  # deliveries may already have been handed out
+        elif connection is self.connection:
+            self.connection = None
+        else:
+            return
+        self.blocked = False
+        if not self.running:
+            log.info("AMQP {name}: connection closed", name=self._name)
+            return
+        log.warn("AMQP {name}: connection lost: {why}", name=self._name,
+                 why=reason.getErrorMessage())
+        self._lost(reason)
+
+    def stopService(self) -> Deferred[None]:
+        """Close politely, but never wait on a broker that does not answer or read."""
+        super().stopService()
+        connection, client = self.connection or self._settingUp, self._client
+        closing: Deferred[Any] = defer.succeed(None)
+        if connection is not None and connection.is_open and connection.closed is not None:
+            closing = atMost(connection.closed, CLOSE_TIMEOUT_S, self._clock)
+            connection.close()
+
+        def abortAndStop(_: object) -> Deferred[None] | None:
+            transport = connection.transport if connection is not None else None
+            if transport is not None and getattr(transport, "connected", False):
+                transport.abortConnection()  # a blocked broker never reads our close
+            if client is not None:
+                return atMost(client.stopService(), CLOSE_TIMEOUT_S, self._clock)
+            return None
+
+        return closing.addCallback(abortAndStop).addCallback(lambda _: None)
