@@ -10,7 +10,7 @@ failure). It prints figures only: no targets, no pass/fail. See benchmarks/READM
 The clients run in this process, separate from the twistd processes:
 - gateway path: the `websockets` library (asyncio client), not relaybus's own client;
 - AMQP-only path: pika's AsyncioConnection (the callback API of SelectConnection, on the same
-  asyncio loop), publishing exactly as the gateway does (relaybus.amqp, docs/protocol.md).
+  asyncio loop), publishing exactly as the gateway does (relaybus.amqp.codec, docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -41,17 +41,9 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as wsConnect
 from websockets.exceptions import ConnectionClosed
 
-from relaybus.amqp import (
-    CONTENT_TYPE,
-    HEADER_DEADLINE_MS,
-    HEADER_GATEWAY_ID,
-    HEADER_PRINCIPAL,
-    HEADER_REQUEST_TYPE,
-    HEADER_SEQ,
-    REPLY_QUEUE_EXPIRES_MS,
-    TRANSIENT,
-    Topology,
-)
+from relaybus.amqp import codec
+from relaybus.amqp.topology import REPLY_QUEUE_EXPIRES_MS, Topology
+from relaybus.messages import ReplyKind, RequestMessage
 from relaybus.testing import GatewayProcess, ServiceProcess, WorkerProcess
 
 DEFAULT_PREFIX = "bench."
@@ -252,8 +244,8 @@ def _declareExchange(channel: Any, name: str, callback: Callable[..., None]) -> 
 
 class AmqpDriver:
     """A stand-in gateway: one connection, a consuming channel on its own reply queue and a
-    publishing channel with confirms, `mandatory` publishes, properties and headers as in
-    relaybus.amqp.AmqpRequestBus.publishRequest."""
+    publishing channel with confirms, `mandatory` publishes, properties and headers from
+    relaybus.amqp.codec (as AmqpRequestBus.publishRequest sends them)."""
 
     path = "amqp-only"
 
@@ -345,16 +337,10 @@ class AmqpDriver:
             return 0.0, "the AMQP publishing channel is not open"
         correlationId = secrets.token_hex(16)
         now = time.time()
-        deadline = now + REQUEST_TIMEOUT_MS / 1000
-        properties = pika.BasicProperties(
-            content_type=CONTENT_TYPE, delivery_mode=TRANSIENT,
-            correlation_id=correlationId, reply_to=self.replyTo, type="request",
-            expiration=str(max(1, int((deadline - now) * 1000))), timestamp=int(now),
-            headers={HEADER_REQUEST_TYPE: case.requestType,
-                     HEADER_DEADLINE_MS: int(deadline * 1000),
-                     HEADER_GATEWAY_ID: self.replyTo,
-                     HEADER_PRINCIPAL: None})
         body = _encode(case.payload).encode("utf-8")
+        properties = codec.requestProperties(RequestMessage(
+            correlationId=correlationId, requestType=case.requestType, replyTo=self.replyTo,
+            body=body, deadline=now + REQUEST_TIMEOUT_MS / 1000, gatewayId=self.replyTo), now)
         call = _AmqpCall(asyncio.get_running_loop().create_future())
         self.pending[correlationId] = call
         self._published += 1
@@ -376,26 +362,28 @@ class AmqpDriver:
 
     def _replyArrived(self, _channel: Any, _method: Any, properties: Any, body: bytes) -> None:
         now = time.perf_counter()
-        correlationId, kind = properties.correlation_id, properties.type
-        call = self.pending.get(correlationId)
+        reply = codec.replyFromAmqp(properties, body, self.replyTo)
+        if reply is None:
+            self.anomalies.append(f"reply with type {properties.type!r} or without a "
+                                  f"correlation_id: {_short(body)}")
+            return
+        call = self.pending.get(reply.correlationId)
         if call is None:
-            self.anomalies.append(f"{kind} reply for a request not in flight "
-                                  f"(after its terminal reply?): {correlationId}")
+            self.anomalies.append(f"{reply.kind} reply for a request not in flight "
+                                  f"(after its terminal reply?): {reply.correlationId}")
             return
         try:
-            data = json.loads(body)
+            data = json.loads(reply.body)
         except ValueError:
-            data = f"<not JSON: {body[:60]!r}>"
-        if kind == "chunk":
-            seq = (properties.headers or {}).get(HEADER_SEQ)
-            if seq != len(call.chunks):
-                self.anomalies.append(f"chunk {HEADER_SEQ}={seq}, expected {len(call.chunks)}")
+            data = f"<not JSON: {reply.body[:60]!r}>"
+        if reply.kind == ReplyKind.CHUNK:
+            if reply.seq != len(call.chunks):
+                self.anomalies.append(f"chunk {codec.HEADER_SEQ}={reply.seq}, "
+                                      f"expected {len(call.chunks)}")
             call.chunks.append(data)
-        elif kind in ("response", "error"):
-            del self.pending[correlationId]
-            call.future.set_result((now, kind, data))
         else:
-            self.anomalies.append(f"reply with type {kind!r}: {_short(data)}")
+            del self.pending[reply.correlationId]
+            call.future.set_result((now, str(reply.kind), data))
 
     def _returned(self, _channel: Any, method: Any, properties: Any, _body: bytes) -> None:
         call = self.pending.pop(properties.correlation_id, None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import urllib.parse
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import pika
@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from relaybus.errors import ErrorCode, RelaybusError
 
 log = Logger(namespace="relaybus.amqp")
+T = TypeVar("T")
 
 SETUP_TIMEOUT_S = 15.0
 CLOSE_TIMEOUT_S = 3.0
@@ -119,12 +120,12 @@ def consumeForever(queue: ClosableDeferredQueue, handle: Callable[[ReceivedMessa
     step()
 
 
-def detached(published: Deferred[Any]) -> Deferred[Any]:
+def detached(published: Deferred[T]) -> Deferred[T]:
     """pika's result, in a Deferred of our own: cancelling it (a handler cancelled while it
     awaits sendChunk) must never cancel pika's Deferred (pika #1282, see the field notes)."""
-    ours: Deferred[Any] = Deferred()
+    ours: Deferred[T] = Deferred()
 
-    def relay(result: Any) -> None:
+    def relay(result: T | Failure) -> None:
         if ours.called:  # cancelled already; the late result needs no further handling
             return
         if isinstance(result, Failure):
@@ -136,12 +137,12 @@ def detached(published: Deferred[Any]) -> Deferred[Any]:
     return ours
 
 
-def atMost(d: Deferred[Any], seconds: float, clock: IReactorTime) -> Deferred[None]:
+def atMost(d: Deferred[T], seconds: float, clock: IReactorTime) -> Deferred[None]:
     """Fires (with None) when `d` does or after `seconds`, whichever comes first; never
     cancels `d` and never fails."""
     ours: Deferred[None] = Deferred()
 
-    def fire(_: Any = None) -> None:
+    def fire(_: object = None) -> None:
         if not ours.called:
             ours.callback(None)
 

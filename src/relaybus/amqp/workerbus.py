@@ -66,7 +66,7 @@ class AmqpWorkerBus(MultiService):
             raise RuntimeError("call serve() before starting an AmqpWorkerBus")
         super().startService()
 
-    def stopServing(self, receiver: IRequestReceiver) -> Deferred[Any]:
+    def stopServing(self, receiver: IRequestReceiver) -> Deferred[None]:
         """Stop taking new deliveries (those in hand can still be settled); fires once the
         broker confirmed, so deliveries already on their way have arrived."""
         self._serving = False
@@ -74,7 +74,7 @@ class AmqpWorkerBus(MultiService):
         if channel is None or not channel.is_open:
             return defer.succeed(None)
         return DeferredList([detached(channel.basic_cancel(tag)) for tag in tags],
-                            consumeErrors=True)
+                            consumeErrors=True).addCallback(lambda _: None)
 
     def isReady(self) -> bool:
         return (self._publishing is not None and self._publishing.is_open
