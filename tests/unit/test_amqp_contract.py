@@ -21,6 +21,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from unitsupport import assertNoResult, errorCode, failureResultOf, successResultOf
 
+from relaybus.amqp import codec
 from relaybus.amqp.gatewaybus import AmqpRequestBus
 from relaybus.amqp.link import (
     DEFAULT_HEARTBEAT_S,
@@ -111,6 +112,27 @@ def test_valid_broker_urls(url: str) -> None:
 def test_invalid_broker_urls(url: str) -> None:
     with pytest.raises(ValueError):
         validateBrokerURL(url)
+
+
+# The codec: what a gateway publishes is what a worker reads, and back
+
+
+def test_codec_round_trips_a_request_a_reply_and_a_cancel_through_pika_encoding() -> None:
+    def throughTheWire(properties: pika.BasicProperties) -> pika.BasicProperties:
+        decoded = pika.BasicProperties()
+        decoded.decode(b"".join(properties.encode()))
+        return decoded
+
+    request = RequestMessage("c-1", "echo", "gw-1", b'{"a":1}', START + 2.5, "gw-1", "alice")
+    assert codec.requestFromAmqp("echo", throughTheWire(codec.requestProperties(
+        request, START)), b'{"a":1}') == request
+    for reply in (ReplyMessage("c-1", "gw-1", ReplyKind.CHUNK, b"1", 7),
+                  ReplyMessage("c-1", "gw-1", ReplyKind.RESPONSE, b"2"),
+                  ReplyMessage("c-1", "gw-1", ReplyKind.ERROR, b"{}")):
+        assert codec.replyFromAmqp(throughTheWire(codec.replyProperties(reply)), reply.body,
+                                   "gw-1") == reply
+    notice = CancelNotice("c-1", "echo", "disconnected")
+    assert codec.cancelFromAmqp("echo", throughTheWire(codec.cancelProperties(notice))) == notice
 
 
 # The gateway's bus: publishing requests
