@@ -43,8 +43,13 @@ class _Call:
     timer: IDelayedCall | None = None
 
 
-class _Protocol(WebSocketClientProtocol):
+class ClientProtocol(WebSocketClientProtocol):
+    """Autobahn's side of one client connection: decoded frames to the RelaybusClient."""
+
     client: RelaybusClient
+
+    def onOpen(self) -> None:
+        self.client.connectionOpened(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         try:
@@ -53,16 +58,19 @@ class _Protocol(WebSocketClientProtocol):
             log.error("The gateway sent a frame that is not JSON")
             return
         if isinstance(frame, dict):
-            self.client._frameReceived(frame)
+            self.client.frameReceived(frame)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self.client._connectionClosed(code, reason)
+        self.client.connectionClosed(code, reason)
 
 
 class RelaybusClient:
+    """The requests of one connection. Its protocol reports to it through connectionOpened,
+    frameReceived and connectionClosed (unit tests call those with a fake protocol)."""
+
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
-        self._protocol: _Protocol | None = None
+        self._protocol: ClientProtocol | None = None
         self._calls: dict[str, _Call] = {}
         self.hello: dict[str, Any] | None = None
         self.whenReady: Deferred[RelaybusClient] = Deferred()
@@ -73,6 +81,11 @@ class RelaybusClient:
         """The gateway's limit from its hello frame: bigger requests fail here, not there."""
         limits = (self.hello or {}).get("limits") or {}
         return int(limits.get("maxMessageBytes") or 0) or 2**31
+
+    @property
+    def inFlight(self) -> int:
+        """Calls sent and not yet ended."""
+        return len(self._calls)
 
     @property
     def connected(self) -> bool:
@@ -147,7 +160,12 @@ class RelaybusClient:
         else:
             call.result.callback(outcome)
 
-    def _frameReceived(self, frame: dict[str, Any]) -> None:
+    # What the protocol reports
+
+    def connectionOpened(self, protocol: ClientProtocol) -> None:
+        self._protocol = protocol
+
+    def frameReceived(self, frame: dict[str, Any]) -> None:
         kind, requestId = frame.get("type"), frame.get("requestId")
         if kind == "hello":
             self.hello = frame
@@ -182,7 +200,7 @@ class RelaybusClient:
             self._end(requestId, RelaybusError(str(error.get("code")),
                                                str(error.get("message"))))
 
-    def _connectionClosed(self, code: int | None, reason: str | None) -> None:
+    def connectionClosed(self, code: int | None, reason: str | None) -> None:
         self._protocol = None
         for requestId in list(self._calls):
             self._end(requestId, RelaybusError(
@@ -204,9 +222,8 @@ def connect(url: str, reactor: Any = None, timeout: float = 10.0,
     isSecure, host, port, _resource, _path, _params = parse_url(url)
     client = RelaybusClient(reactor)
 
-    class Protocol(_Protocol):
-        def onOpen(self) -> None:
-            client._protocol = self
+    class Protocol(ClientProtocol):
+        pass
 
     Protocol.client = client
     factory = WebSocketClientFactory(url, reactor=reactor)

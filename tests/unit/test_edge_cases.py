@@ -21,7 +21,7 @@ from unitsupport import failureResultOf, requestMessage, successResultOf
 from relaybus.amqp.link import AmqpConnection
 from relaybus.amqp.topology import Topology
 from relaybus.amqp.workerbus import AmqpWorkerBus
-from relaybus.client import RelaybusClient, _Protocol
+from relaybus.client import ClientProtocol, RelaybusClient
 from relaybus.config import Limits
 from relaybus.correlation import CorrelationTable
 from relaybus.errors import RelaybusError
@@ -220,8 +220,8 @@ def test_integer_beyond_float_range_is_bad_request() -> None:
 
 def _client(sender: Any) -> RelaybusClient:
     client = RelaybusClient(Clock())
-    client._protocol = sender
-    client.hello = {"type": "hello", "limits": {"maxMessageBytes": 1 << 20}}
+    client.connectionOpened(sender)
+    client.frameReceived({"type": "hello", "limits": {"maxMessageBytes": 1 << 20}})
     return client
 
 
@@ -246,14 +246,14 @@ def test_on_chunk_that_raises_does_not_escape_into_autobahn() -> None:
 
     client.call("testRequest", {"count": 1}, onChunk=onChunk)
     requestId = json.loads(sender.sent[0])["requestId"]
-    protocol = _Protocol()
+    protocol = ClientProtocol()
     protocol.client = client
     protocol.onMessage(encodeJSON({"type": "chunk", "requestId": requestId, "seq": 0,
                                    "data": {"index": 0}}), False)
 
 
 def test_call_while_the_socket_is_closing_fails_as_a_deferred() -> None:
-    protocol = _Protocol()
+    protocol = ClientProtocol()
     protocol.state = WebSocketProtocol.STATE_CLOSING  # e.g. the gateway sent 1001
     client = _client(protocol)
     result = client.call("echo", "x", timeout=5)
