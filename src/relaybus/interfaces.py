@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
+
+from relaybus.messages import CancelNotice, Delivery, ReplyMessage, RequestMessage
 
 
 class IReplyReceiver(Interface):
     """The gateway side of a bus: where replies and connection loss are reported."""
 
-    def replyReceived(reply):
+    def replyReceived(reply: ReplyMessage) -> None:
         """A ReplyMessage addressed to this gateway arrived."""
 
-    def busInterrupted(reason):
+    def busInterrupted(reason: Failure | None) -> None:
         """The broker connection was lost: every request in flight is now orphaned."""
 
 
@@ -20,62 +27,62 @@ class IRequestBus(Interface):
 
     replyTo = Attribute("The address workers send this gateway's replies to.")
 
-    def listen(receiver):
+    def listen(receiver: IReplyReceiver) -> None:
         """Deliver replies and interruptions to `receiver` (an IReplyReceiver)."""
 
-    def isReady():
+    def isReady() -> bool:
         """True when requests can be published right now."""
 
-    def publishRequest(message):
+    def publishRequest(message: RequestMessage) -> Deferred[None]:
         """Publish a RequestMessage.
 
         Returns a Deferred that fires once the bus has taken the request, or fails with a
         RelaybusError: no_handler (nobody serves its requestType), unavailable, overloaded.
         """
 
-    def publishCancel(notice):
+    def publishCancel(notice: CancelNotice) -> None:
         """Tell workers a CancelNotice; best effort, returns nothing."""
 
 
 class IRequestReceiver(Interface):
     """The worker side of a bus: where requests and cancellations are delivered."""
 
-    def requestReceived(delivery):
+    def requestReceived(delivery: Delivery) -> None:
         """A Delivery to handle; the receiver must ack or requeue it exactly once."""
 
-    def cancelReceived(notice):
+    def cancelReceived(notice: CancelNotice) -> None:
         """A CancelNotice for a request this worker may be running."""
 
-    def busInterrupted(reason):
+    def busInterrupted(reason: Failure | None) -> None:
         """The broker connection was lost: unsettled deliveries will be redelivered."""
 
 
 class IWorkerBus(Interface):
     """What a worker process needs from a message bus."""
 
-    def serve(requestTypes, receiver, prefetch):
+    def serve(requestTypes: Iterable[str], receiver: IRequestReceiver, prefetch: int) -> None:
         """Start delivering requests of these types to an IRequestReceiver.
 
         At most `prefetch` deliveries are unsettled at once.
         """
 
-    def stopServing(receiver):
+    def stopServing(receiver: IRequestReceiver) -> Deferred[None]:
         """Stop delivering new requests to `receiver`; those in hand can still be settled.
 
         Returns a Deferred that fires once no further delivery can arrive.
         """
 
-    def isReady():
+    def isReady() -> bool:
         """True when replies can be published right now."""
 
-    def publishReply(reply):
+    def publishReply(reply: ReplyMessage) -> Deferred[None]:
         """Publish a ReplyMessage; returns a Deferred that fires once the bus has taken it."""
 
 
 class IRequestStream(Interface):
     """Handed to a request handler: the way to send intermediate chunks."""
 
-    def sendChunk(data):
+    def sendChunk(data: Any) -> Deferred[None]:
         """Send one JSON-serialisable chunk; returns a Deferred fired once it is published."""
 
 
@@ -87,7 +94,7 @@ class IRequestHandler(Interface):
         "True if running a request twice is harmless: redelivered requests are then run "
         "again instead of ending with worker_lost.")
 
-    def handle(request, stream):
+    def handle(request: Any, stream: IRequestStream) -> Any:
         """Serve one HandlerRequest (payload, deadline, ...), streaming chunks to an IRequestStream.
 
         Serve it: return the final response data, a Deferred of it, or a coroutine.
