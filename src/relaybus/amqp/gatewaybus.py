@@ -54,19 +54,16 @@ class AmqpRequestBus(MultiService):
 
     def isReady(self) -> bool:
         """Connected, set up, and not blocked by a broker resource alarm."""
-        return (self._publishing is not None and self._publishing.is_open
-                and not self._link.blocked)
+        return self._link.canPublish(self._publishing)
 
     @inlineCallbacks
     def setUpConnection(self, connection: TwistedProtocolConnection
                         ) -> Generator[Deferred[Any], Any, None]:
         topology, link = self._topology, self._link
-        consuming = yield connection.channel()
-        link.watchChannel(connection, consuming, "the reply channel closed")
+        consuming = yield link.openChannel(connection, "reply")
         yield topology.declareExchanges(consuming)
         replyQueue = yield topology.declareReplyQueue(consuming, self.replyTo)
-        publishing = yield connection.channel()
-        link.watchChannel(connection, publishing, "the publishing channel closed")
+        publishing = yield link.openChannel(connection, "publishing")
         yield publishing.confirm_delivery()
         publishing.add_on_return_callback(self._messageReturned)
         queue, _tag = yield consuming.basic_consume(queue=replyQueue, auto_ack=True)

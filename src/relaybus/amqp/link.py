@@ -1,14 +1,14 @@
 """One AMQP connection that keeps coming back, and the pika traps every user of it must avoid.
 
 The buses build on `BrokerLink`; the helpers below it (`detached`, `atMost`, `consumeForever`,
-`watchChannel`) are how they talk to pika's Twisted adapter safely.
+`BrokerLink.openChannel`) are how they talk to pika's Twisted adapter safely.
 """
 
 from __future__ import annotations
 
 import random
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any, TypeVar
 
 import attrs
@@ -23,7 +23,7 @@ from pika.exceptions import AMQPConnectionError
 from twisted.application.internet import ClientService
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IAddress, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, connectionDone
@@ -318,11 +318,19 @@ class BrokerLink(Service):
                 log.warn("AMQP {name}: reconnecting: {why}", name=self._name, why=why)
             transport.abortConnection()
 
-    def watchChannel(self, connection: TwistedProtocolConnection, channel: TwistedChannel,
-                     why: str) -> None:
-        """A channel the broker closes while its connection lives on (a 406, a deleted queue)
-        would leave a zombie: reconnect instead, which re-creates everything."""
-        channel.on_closed.addBoth(lambda _: self.drop(connection, why))
+    @inlineCallbacks
+    def openChannel(self, connection: TwistedProtocolConnection,
+                    role: str) -> Generator[Deferred[Any], Any, TwistedChannel]:
+        """A channel on `connection` that the link watches: a channel the broker closes
+        while its connection lives on (a 406, a deleted queue) would leave a zombie, so the
+        link reconnects instead, which re-creates everything."""
+        channel = yield connection.channel()
+        channel.on_closed.addBoth(lambda _: self.drop(connection, f"the {role} channel closed"))
+        return channel
+
+    def canPublish(self, channel: TwistedChannel | None) -> bool:
+        """Open, and not blocked by a broker resource alarm."""
+        return channel is not None and channel.is_open and not self.blocked
 
     def _connectionLost(self, connection: TwistedProtocolConnection, reason: Failure) -> None:
         if connection is self._settingUp:

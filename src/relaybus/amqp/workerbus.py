@@ -77,21 +77,18 @@ class AmqpWorkerBus(MultiService):
                             consumeErrors=True).addCallback(lambda _: None)
 
     def isReady(self) -> bool:
-        return (self._publishing is not None and self._publishing.is_open
-                and not self._link.blocked)
+        return self._link.canPublish(self._publishing)
 
     @inlineCallbacks
     def setUpConnection(self, connection: TwistedProtocolConnection
                         ) -> Generator[Deferred[Any], Any, None]:
         topology, link = self._topology, self._link
-        consuming = yield connection.channel()
-        link.watchChannel(connection, consuming, "the consuming channel closed")
+        consuming = yield link.openChannel(connection, "consuming")
         yield topology.declareExchanges(consuming)
         yield consuming.basic_qos(prefetch_count=self._prefetch)  # before any basic_consume
         yield topology.declareRequestQueues(consuming, self._requestTypes)
         cancelQueue = yield topology.declareCancelQueue(consuming, self._requestTypes)
-        publishing = yield connection.channel()
-        link.watchChannel(connection, publishing, "the publishing channel closed")
+        publishing = yield link.openChannel(connection, "publishing")
         yield publishing.confirm_delivery()
         self._consuming, self._publishing = consuming, publishing
         cancels, _tag = yield consuming.basic_consume(queue=cancelQueue, auto_ack=True)
