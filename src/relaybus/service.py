@@ -144,7 +144,7 @@ class WorkerService(MultiService):
 
     def startService(self) -> None:
         log.info("relaybus worker serving {types} from {broker}",
-                 types=", ".join(self.runtime._handlers), broker=_redacted(self.config.broker))
+                 types=", ".join(self.runtime.requestTypes), broker=_redacted(self.config.broker))
         super().startService()
 
     @inlineCallbacks
