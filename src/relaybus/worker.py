@@ -67,8 +67,8 @@ def _handlersIn(source: Any) -> list[IRequestHandler]:
 class Settlement(enum.Enum):
     """How the runtime lets go of a delivery."""
 
-    ACK = "ack"  # done with: its final reply is published, or it needs none
-    REQUEUE = "requeue"  # hand it back for another worker (shutdown)
+    ACK = "ack"  # finished: its final reply is published, or it needed none
+    REQUEUE = "requeue"  # handed back unfinished, for another worker (shutdown)
     # Let go without telling the bus: its connection is gone and the broker requeues it itself.
     RELEASE = "release"
 
