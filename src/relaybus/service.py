@@ -23,7 +23,7 @@ from relaybus.amqp.workerbus import AmqpWorkerBus
 from relaybus.config import GatewayConfig, WorkerConfig
 from relaybus.correlation import CorrelationTable
 from relaybus.gateway import GatewayFactory, makeSite
-from relaybus.interfaces import IRequestBus
+from relaybus.interfaces import IRequestBus, IWorkerBus
 from relaybus.memory import MemoryBus
 from relaybus.metrics import GatewayCollector, MetricsResource, gatewayRegistry
 from relaybus.worker import WorkerRuntime, registerHandlers
@@ -130,30 +130,36 @@ class GatewayService(MultiService):
 
 
 class WorkerService(MultiService):
-    """A worker process: handlers from the named modules, served from the broker."""
+    """A worker process: handlers from the named modules, served from the broker.
 
-    def __init__(self, config: WorkerConfig, reactor: Any = None) -> None:
+    `bus` replaces the broker's bus (tests); like both real buses it must be an IService too.
+    """
+
+    def __init__(self, config: WorkerConfig, reactor: Any = None,
+                 bus: IWorkerBus | None = None) -> None:
         super().__init__()
         reactor = reactor or _defaultReactor()
         self.config = config
         handlers = registerHandlers(*config.handlers)
-        self.bus = AmqpWorkerBus(config.broker, reactor, Topology(config.amqpPrefix),
-                                             f"relaybus worker {','.join(handlers)}")
+        if bus is None:
+            bus = AmqpWorkerBus(config.broker, reactor, Topology(config.amqpPrefix),
+                                f"relaybus worker {','.join(handlers)}")
+        self.bus = bus
         self.runtime = WorkerRuntime(self.bus, handlers, reactor, config.concurrency,
                                      config.drainTimeoutS)
         self.runtime.setServiceParent(self)
-        self.bus.setServiceParent(self)
+        IService(self.bus).setServiceParent(self)
 
     def startService(self) -> None:
         log.info("relaybus worker serving {types} from {broker}",
-                 types=", ".join(self.runtime._handlers), broker=_redacted(self.config.broker))
+                 types=", ".join(self.runtime.requestTypes), broker=_redacted(self.config.broker))
         super().startService()
 
     @inlineCallbacks
     def stopService(self) -> Any:
         self.running = False
         yield self.runtime.stopService()
-        yield self.bus.stopService()
+        yield IService(self.bus).stopService()
 
 
 def _redacted(url: str) -> str:

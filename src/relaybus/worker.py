@@ -8,11 +8,12 @@ request may have been half-run by a worker that died, so by default it is answer
 from __future__ import annotations
 
 import collections
+import enum
 import importlib
 import inspect
 import traceback
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 from twisted.application.service import Service
@@ -25,7 +26,7 @@ from zope.interface import implementer
 from relaybus.errors import WORKER_ERROR_CODES, ErrorCode, RelaybusError
 from relaybus.frames import decodeJSON, encodeJSON
 from relaybus.interfaces import IRequestHandler, IRequestReceiver, IRequestStream, IWorkerBus
-from relaybus.messages import CancelNotice, Delivery, ReplyKind, ReplyMessage
+from relaybus.messages import CancelNotice, Delivery, ReplyKind, ReplyMessage, RequestMessage
 
 log = Logger(namespace="relaybus.worker")
 
@@ -63,6 +64,15 @@ def _handlersIn(source: Any) -> list[IRequestHandler]:
     raise TypeError(f"{source!r} is not a handler, a module or a module name")
 
 
+class Settlement(enum.Enum):
+    """How the runtime lets go of a delivery."""
+
+    ACK = "ack"  # finished: its final reply is published, or it needed none
+    REQUEUE = "requeue"  # handed back unfinished, for another worker (shutdown)
+    # Let go without telling the bus: its connection is gone and the broker requeues it itself.
+    RELEASE = "release"
+
+
 @attrs.frozen
 class HandlerRequest:
     """What a handler is given about one request."""
@@ -75,21 +85,29 @@ class HandlerRequest:
     principal: str | None
 
 
+def _publishReply(bus: IWorkerBus, request: RequestMessage, kind: ReplyKind, body: bytes,
+                  seq: int | None = None) -> Deferred[None]:
+    """Publish a chunk or final reply to the gateway waiting for `request`."""
+    return bus.publishReply(ReplyMessage(
+        correlationId=request.correlationId, replyTo=request.replyTo, kind=kind, body=body,
+        seq=seq))
+
+
 @implementer(IRequestStream)
 @attrs.define(eq=False)
 class _Stream:
-    _runtime: WorkerRuntime
-    _delivery: Delivery
+    _bus: IWorkerBus
+    _request: RequestMessage
     _nextSeq: int = 0
     ended: bool = False
 
     def sendChunk(self, data: Any) -> Deferred[None]:
         if self.ended:
             log.debug("Chunk after the end of {correlationId} dropped",
-                      correlationId=self._delivery.message.correlationId)
+                      correlationId=self._request.correlationId)
             return succeed(None)
         seq, self._nextSeq = self._nextSeq, self._nextSeq + 1
-        return self._runtime._publish(self._delivery, ReplyKind.CHUNK, encodeJSON(data), seq)
+        return _publishReply(self._bus, self._request, ReplyKind.CHUNK, encodeJSON(data), seq)
 
 
 @attrs.define(eq=False)
@@ -123,10 +141,14 @@ class WorkerRuntime(Service):
     def runningCount(self) -> int:
         return len(self._running)
 
+    @property
+    def requestTypes(self) -> list[str]:
+        return list(self._handlers)
+
     def startService(self) -> None:
         super().startService()
         self._accepting = True
-        self._bus.serve(list(self._handlers), self, self._concurrency)
+        self._bus.serve(self.requestTypes, self, self._concurrency)
 
     def stopService(self) -> Deferred[None]:
         """Finish what is in hand (up to the drain timeout), then hand the rest back.
@@ -162,9 +184,9 @@ class WorkerRuntime(Service):
 
     def _handBackAll(self) -> None:
         for running in list(self._running.values()):
-            self._abandon(running, "the worker is shutting down", requeue=True)
+            self._abandon(running, "the worker is shutting down", Settlement.REQUEUE)
         for delivery in list(self._inHand):  # final replies still unconfirmed
-            self._settle(delivery, requeue=None)
+            self._settle(delivery, Settlement.RELEASE)
 
     # IRequestReceiver
 
@@ -176,44 +198,43 @@ class WorkerRuntime(Service):
             return
         self._inHand.add(delivery)
         if handler is None:
-            self._refuse(delivery, ErrorCode.HANDLER_ERROR,
-                         f"this worker does not serve {message.requestType!r}")
+            self._replyError(delivery, ErrorCode.HANDLER_ERROR,
+                             f"this worker does not serve {message.requestType!r}")
             return
         now = self._clock.seconds()  # read once: a deadline between two reads broke callLater
         if message.deadline <= now:
             log.info("Skipped {correlationId}: its deadline passed while queued",
                      correlationId=message.correlationId)
-            self._settle(delivery, requeue=False)
+            self._settle(delivery, Settlement.ACK)
             return
         if self._cancelled.pop(message.correlationId, None) is not None:
             log.info("Skipped {correlationId}: cancelled while queued",
                      correlationId=message.correlationId)
-            self._settle(delivery, requeue=False)
+            self._settle(delivery, Settlement.ACK)
             return
         if delivery.redelivered and not getattr(handler, "idempotent", False):
-            self._refuse(delivery, ErrorCode.WORKER_LOST,
-                         "the worker handling this request was lost; it was not retried")
+            self._replyError(delivery, ErrorCode.WORKER_LOST,
+                             "the worker handling this request was lost; it was not retried")
             return
         try:
             payload = decodeJSON(message.body)
         except (ValueError, UnicodeDecodeError):
-            self._refuse(delivery, ErrorCode.BAD_REQUEST, "the request payload is not JSON")
+            self._replyError(delivery, ErrorCode.BAD_REQUEST, "the request payload is not JSON")
             return
         request = HandlerRequest(payload, message.requestType, message.correlationId,
                                  message.deadline, delivery.redelivered, message.principal)
-        running = _Running(delivery, _Stream(self, delivery))
+        running = _Running(delivery, _Stream(self._bus, message))
         self._running[message.correlationId] = running
         running.deadlineTimer = self._clock.callLater(
-            message.deadline - now, self._abandon, running,
-            "the request's deadline passed", False, ErrorCode.TIMEOUT)
+            message.deadline - now, self._deadlinePassed, running)
         running.work = _call(handler, request, running.stream)
         running.work.addBoth(self._handlerEnded, running)
 
     def cancelReceived(self, notice: CancelNotice) -> None:
         running = self._running.get(notice.correlationId)
         if running is not None:
-            self._abandon(running, f"cancelled by the gateway ({notice.reason})", requeue=False,
-                          code=ErrorCode.CANCELLED)
+            self._endWithError(running, ErrorCode.CANCELLED,
+                               f"cancelled by the gateway ({notice.reason})")
             return
         now = self._clock.seconds()
         self._cancelled[notice.correlationId] = now + REMEMBER_CANCELLED_S
@@ -225,44 +246,55 @@ class WorkerRuntime(Service):
         # Unsettled deliveries go back to the queue with the broker; the gateway has already
         # ended these requests, so stop the work without replying.
         for running in list(self._running.values()):
-            self._abandon(running, "lost the connection to the message broker", requeue=None)
+            self._abandon(running, "lost the connection to the message broker",
+                          Settlement.RELEASE)
         for delivery in list(self._inHand):
-            self._settle(delivery, requeue=None)
+            self._settle(delivery, Settlement.RELEASE)
 
     # Internals
 
-    def _abandon(self, running: _Running, why: str, requeue: bool | None,
-                 code: ErrorCode = ErrorCode.CANCELLED) -> None:
-        """Stop a running handler. requeue: True hands it back, False replies `code`,
-        None drops it silently (the bus is gone)."""
-        if running.endReason is not None:
-            return
-        running.endReason = why
-        running.stream.ended = True
-        correlationId = running.delivery.message.correlationId
+    def _deadlinePassed(self, running: _Running) -> None:
+        self._endWithError(running, ErrorCode.TIMEOUT, "the request's deadline passed")
+
+    def _endWithError(self, running: _Running, code: ErrorCode, why: str) -> None:
+        """Stop a running handler and answer its request with the error `code` (then ack)."""
+        if self._stopHandler(running, why):
+            self._replyError(running.delivery, code, why)
+
+    def _abandon(self, running: _Running, why: str,
+                 settlement: Literal[Settlement.REQUEUE, Settlement.RELEASE]) -> None:
+        """Stop a running handler without answering its request."""
+        if self._stopHandler(running, why):
+            self._settle(running.delivery, settlement)
+
+    def _stopHandler(self, running: _Running, why: str) -> bool:
+        """Cancel a running handler; False if it had already ended."""
+        if not self._markEnded(running, why):
+            return False
+        message = running.delivery.message
         log.info("Stopped {requestType} {correlationId}: {why}", why=why,
-                 requestType=running.delivery.message.requestType, correlationId=correlationId)
-        self._running.pop(correlationId, None)
-        if running.deadlineTimer is not None and running.deadlineTimer.active():
-            running.deadlineTimer.cancel()
+                 requestType=message.requestType, correlationId=message.correlationId)
         if running.work is not None:
             running.work.cancel()
-        if requeue is False:
-            self._refuse(running.delivery, code, why)
-        else:
-            self._settle(running.delivery, requeue)
+        return True
+
+    def _markEnded(self, running: _Running, reason: str) -> bool:
+        """End a request's run once (no more chunks, no deadline); False if it already was."""
+        if running.endReason is not None:
+            return False
+        running.endReason = reason
+        running.stream.ended = True
+        self._running.pop(running.delivery.message.correlationId, None)
+        if running.deadlineTimer is not None and running.deadlineTimer.active():
+            running.deadlineTimer.cancel()
+        return True
 
     def _handlerEnded(self, result: Any, running: _Running) -> None:
-        if running.endReason is not None:
+        if not self._markEnded(running, "ended"):
             if isinstance(result, Failure) and not result.check(CancelledError):
                 log.failure("Handler failed after it was cancelled", result)
             return
-        running.endReason = "ended"
-        running.stream.ended = True
         message = running.delivery.message
-        self._running.pop(message.correlationId, None)
-        if running.deadlineTimer is not None and running.deadlineTimer.active():
-            running.deadlineTimer.cancel()
         try:
             if isinstance(result, Failure):
                 kind, body = ReplyKind.ERROR, encodeJSON(
@@ -274,12 +306,15 @@ class WorkerRuntime(Service):
                       requestType=message.requestType, e=e)
             kind, body = ReplyKind.ERROR, encodeJSON(
                 {"code": "handler_error", "message": "the handler's result is not JSON"})
-        self._publish(running.delivery, kind, body).addBoth(
-            self._settleAfterFinalReply, running.delivery)
+        self._replyFinal(running.delivery, kind, body)
 
-    def _refuse(self, delivery: Delivery, code: ErrorCode, message: str) -> None:
-        self._publish(delivery, ReplyKind.ERROR,
-                      encodeJSON({"code": str(code), "message": message})).addBoth(
+    def _replyError(self, delivery: Delivery, code: ErrorCode, message: str) -> None:
+        self._replyFinal(delivery, ReplyKind.ERROR,
+                         encodeJSON({"code": str(code), "message": message}))
+
+    def _replyFinal(self, delivery: Delivery, kind: ReplyKind, body: bytes) -> None:
+        """Publish the one final reply, then ack (at-least-once: never before)."""
+        _publishReply(self._bus, delivery.message, kind, body).addBoth(
             self._settleAfterFinalReply, delivery)
 
     def _settleAfterFinalReply(self, result: Any, delivery: Delivery) -> None:
@@ -288,30 +323,23 @@ class WorkerRuntime(Service):
             log.warn("Final reply for {correlationId} not published: {why}",
                      correlationId=delivery.message.correlationId,
                      why=result.getErrorMessage())
-            self._settle(delivery, requeue=None)
+            self._settle(delivery, Settlement.RELEASE)
         else:
-            self._settle(delivery, requeue=False)
+            self._settle(delivery, Settlement.ACK)
 
-    def _settle(self, delivery: Delivery, requeue: bool | None) -> None:
-        """Ack (False), hand back (True) or just let go (None: the bus is gone) a delivery."""
+    def _settle(self, delivery: Delivery, settlement: Settlement) -> None:
+        """Let go of a delivery once; what shutdown waits for."""
         if delivery not in self._inHand:
             return
         self._inHand.discard(delivery)
-        if requeue is False:
+        if settlement is Settlement.ACK:
             delivery.ack()
-        elif requeue is True:
+        elif settlement is Settlement.REQUEUE:
             delivery.requeue()
         if not self._inHand and self._whenIdle:
             waiters, self._whenIdle = self._whenIdle, []
             for waiter in waiters:
                 waiter.callback(None)
-
-    def _publish(self, delivery: Delivery, kind: ReplyKind, body: bytes,
-                 seq: int | None = None) -> Deferred[None]:
-        message = delivery.message
-        return self._bus.publishReply(ReplyMessage(
-            correlationId=message.correlationId, replyTo=message.replyTo, kind=kind,
-            body=body, seq=seq))
 
 
 def _call(handler: IRequestHandler, request: HandlerRequest,
