@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relaybus.errors import ErrorCode, RelaybusError
-from relaybus.frames import decodeJSON, encodeJSON
+from relaybus.strictjson import decodeJSON, encodeJSON
 
 log = Logger(namespace="relaybus.client")
 

@@ -21,16 +21,10 @@ from zope.interface import implementer
 
 from relaybus.config import Limits
 from relaybus.errors import WORKER_ERROR_CODES, ErrorCode, RelaybusError
-from relaybus.frames import (
-    RequestFrame,
-    chunkFrame,
-    decodeJSON,
-    encodeJSON,
-    errorFrame,
-    responseFrame,
-)
+from relaybus.frames import RequestFrame, chunkFrame, errorFrame, responseFrame
 from relaybus.interfaces import IClientConnection, IReplyReceiver, IRequestBus
 from relaybus.messages import CancelNotice, ReplyKind, ReplyMessage, RequestMessage
+from relaybus.strictjson import decodeJSON, encodeJSON
 
 log = Logger(namespace="relaybus.gateway")
 

@@ -6,15 +6,13 @@ one `error` frame (see docs/protocol.md).
 
 from __future__ import annotations
 
-import json
-import math
 import re
-import sys
 from typing import Any
 
 import attrs
 
 from relaybus.errors import ErrorCode, RelaybusError
+from relaybus.strictjson import decodeJSON, encodeJSON
 
 MAX_REQUEST_ID_LENGTH = 128
 MAX_REQUEST_TYPE_LENGTH = 128
@@ -67,47 +65,6 @@ class ClientLogFrame:
 
 
 ClientFrame = RequestFrame | CancelFrame | ClientLogFrame
-
-
-def _rejectConstant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finiteFloat(text: str) -> float:
-    number = float(text)
-    if not math.isfinite(number):
-        raise ValueError(f"{text} is out of range")
-    return number
-
-
-def _floatSizedInt(text: str) -> int:
-    number = int(text)
-    if abs(number) > _LARGEST_FLOAT:
-        raise ValueError(f"{text[:20]}... is out of range")
-    return number
-
-
-_LARGEST_FLOAT = int(sys.float_info.max)
-
-
-def decodeJSON(data: bytes | str) -> Any:
-    """Strict JSON: strict UTF-8, no NaN/Infinity or overflowing numbers (they could not be
-    sent on), and deep nesting is an error rather than a crash."""
-    if isinstance(data, bytes):
-        data = data.decode("utf-8")  # json.loads would let UTF-8-encoded surrogates through
-    try:
-        return json.loads(data, parse_constant=_rejectConstant, parse_float=_finiteFloat,
-                          parse_int=_floatSizedInt)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-
-
-def encodeJSON(value: Any) -> bytes:
-    try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False).encode("utf-8")
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
 
 
 def _requestId(frame: dict[str, Any]) -> str:

@@ -29,7 +29,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relaybus.errors import RelaybusError
-from relaybus.frames import decodeJSON
 from relaybus.interfaces import (
     IClientConnection,
     IReplyReceiver,
@@ -40,6 +39,7 @@ from relaybus.interfaces import (
     IWorkerBus,
 )
 from relaybus.messages import CancelNotice, Delivery, ReplyMessage, RequestMessage
+from relaybus.strictjson import decodeJSON
 
 # Fakes
 

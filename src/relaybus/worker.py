@@ -24,9 +24,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relaybus.errors import WORKER_ERROR_CODES, ErrorCode, RelaybusError
-from relaybus.frames import decodeJSON, encodeJSON
 from relaybus.interfaces import IRequestHandler, IRequestReceiver, IRequestStream, IWorkerBus
 from relaybus.messages import CancelNotice, Delivery, ReplyKind, ReplyMessage, RequestMessage
+from relaybus.strictjson import decodeJSON, encodeJSON
 
 log = Logger(namespace="relaybus.worker")
 

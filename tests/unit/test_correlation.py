@@ -14,8 +14,9 @@ from unitsupport import assertNoResult, successResultOf
 from relaybus.config import Limits
 from relaybus.correlation import CorrelationTable
 from relaybus.errors import WORKER_ERROR_CODES, ErrorCode, RelaybusError
-from relaybus.frames import RequestFrame, encodeJSON, responseFrame
+from relaybus.frames import RequestFrame, responseFrame
 from relaybus.messages import CancelNotice, RequestMessage
+from relaybus.strictjson import encodeJSON
 from relaybus.testing import FakeClientConnection, FakeRequestBus
 
 START = 1_764_000_000.0

@@ -25,8 +25,9 @@ from relaybus.client import ClientProtocol, RelaybusClient
 from relaybus.config import Limits
 from relaybus.correlation import CorrelationTable
 from relaybus.errors import RelaybusError
-from relaybus.frames import FrameError, RequestFrame, encodeJSON, parseClientFrame
+from relaybus.frames import FrameError, RequestFrame, parseClientFrame
 from relaybus.messages import ReplyKind
+from relaybus.strictjson import encodeJSON
 from relaybus.testing import (
     FakeAmqpConnection,
     FakeClientConnection,

@@ -14,9 +14,9 @@ from zope.interface import implementer
 
 from relaybus import worker as workerModule
 from relaybus.errors import WORKER_ERROR_CODES, ErrorCode, RelaybusError
-from relaybus.frames import decodeJSON
 from relaybus.interfaces import IRequestHandler, IRequestStream
 from relaybus.messages import CancelNotice, Delivery, ReplyKind, ReplyMessage
+from relaybus.strictjson import decodeJSON
 from relaybus.testing import FakeRequestHandler, FakeWorkerBus
 from relaybus.worker import HandlerRequest, WorkerRuntime, registerHandlers
 

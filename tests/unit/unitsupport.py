@@ -12,8 +12,8 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from relaybus.errors import RelaybusError
-from relaybus.frames import encodeJSON
 from relaybus.messages import RequestMessage
+from relaybus.strictjson import encodeJSON
 
 
 def successResultOf(d: Deferred[Any]) -> Any:
