@@ -26,7 +26,7 @@ from relaybus.interfaces import IClientConnection, IReplyReceiver, IRequestBus
 from relaybus.messages import CancelNotice, ReplyKind, ReplyMessage, RequestMessage
 from relaybus.strictjson import decodeJSON, encodeJSON
 
-log = Logger(namespace="relaybus.gateway")
+log = Logger(namespace="relaybus.correlation")
 
 
 def newCorrelationId() -> str:

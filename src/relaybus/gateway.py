@@ -40,7 +40,8 @@ from relaybus.frames import (
 from relaybus.interfaces import IClientConnection, IRequestBus
 
 log = Logger(namespace="relaybus.gateway")
-clientLog = Logger(namespace="relaybus.client")
+# What browser and other clients send in client-log frames (relaybus.client is the Python client).
+clientLog = Logger(namespace="relaybus.clientlog")
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_NOT_READING = 1008  # policy violation: the client let too much pile up unread

@@ -78,5 +78,5 @@ def test_logger_line_reaches_the_gateway_log_with_the_connection_id(stack, tab, 
         return [line for line in stack.gateway.log.splitlines() if token in line]
 
     [line] = waitUntil(logged, f"the client-log line with {token} in the gateway log")
-    assert "[relaybus.client#warn]" in line, line
+    assert "[relaybus.clientlog#warn]" in line, line
     assert re.search(rf"\[{re.escape(connectionId)} [^\]]*\] browser says {token}$", line), line

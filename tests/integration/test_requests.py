@@ -352,7 +352,7 @@ def test_client_log_is_recorded_with_control_characters_escaped(stack, connect, 
     lines = waitUntil(logged, f"4 client-log lines with {token} in the gateway log")
     assert len(lines) == 4, lines  # the "\n" did not start a line of its own
     for level, line in zip(("debug", "info", "warn", "error"), lines, strict=True):
-        assert f"[relaybus.client#{level}]" in line, line
+        assert f"[relaybus.clientlog#{level}]" in line, line
         assert client.hello["connectionId"] in line, line
         assert (f"{token}-{level} first\\x0aFORGED-{token}-{level} \\x1b[31mred"
                 "\\u2028\\x85") in line, line

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from unitsupport import assertNoResult, successResultOf
 
 from relaybus.config import Limits
@@ -662,6 +663,14 @@ def test_publish_that_raises_ends_the_request_once_with_unavailable() -> None:
     clock = Clock()
     table = CorrelationTable(RaisingBus(), clock, LIMITS, "gw-test")
     conn = FakeClientConnection("c1")
-    table.submit(conn, RequestFrame("r-1", "echo", None))
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        table.submit(conn, RequestFrame("r-1", "echo", None))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
     assert terminal(conn, "r-1")["error"]["code"] == "unavailable"
     assert len(table) == 0 and clock.getDelayedCalls() == []
+    # logged as the table's own line, not the WebSocket edge's
+    assert [e["log_namespace"] for e in events if "log_failure" in e] == [
+        "relaybus.correlation"]

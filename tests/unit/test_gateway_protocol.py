@@ -249,7 +249,7 @@ def test_client_log_is_logged_escaped_and_answers_nothing(gw: Gateway) -> None:
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert client.messages() == []
-    [event] = [e for e in events if e.get("log_namespace") == "relaybus.client"]
+    [event] = [e for e in events if e.get("log_namespace") == "relaybus.clientlog"]
     assert event["message"] == "line\\x0aforged \\x1b[31m"
     assert event["context"] == {"page": "/"}
     assert event["connectionId"] == client.protocol.connectionId
@@ -269,7 +269,8 @@ class ClientLogEvents:
 
     def messages(self) -> list[str]:
         """What clients logged (the `message` field, as escaped by the gateway)."""
-        return [e["message"] for e in self.events if e.get("log_namespace") == "relaybus.client"]
+        return [e["message"] for e in self.events
+                if e.get("log_namespace") == "relaybus.clientlog"]
 
     def gatewayLines(self) -> list[str]:
         return [formatEvent(e) for e in self.events
