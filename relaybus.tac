@@ -8,4 +8,5 @@ from relaybus.service import GatewayService, exitZeroOnSigterm
 
 exitZeroOnSigterm()
 application = Application("relaybus")
-GatewayService(GatewayOptions.fromEnvironment().config).setServiceParent(application)
+options = GatewayOptions.fromEnvironment()
+GatewayService(options.config, options.registry).setServiceParent(application)

@@ -11,7 +11,8 @@ from twisted.python import usage
 
 from relaybus.amqp.link import validateBrokerURL
 from relaybus.config import GatewayConfig, Limits, WorkerConfig, newGatewayId
-from relaybus.worker import registerHandlers
+from relaybus.handlers import registerHandlers
+from relaybus.interfaces import IRequestHandler
 
 MAX_NAME_LENGTH = 64
 _LIMITS = Limits()
@@ -44,14 +45,14 @@ def _checkBroker(broker: str) -> None:
             raise usage.UsageError(str(e)) from None
 
 
-def _checkHandlers(handlers: list[str]) -> tuple[str, ...]:
+def _resolveHandlers(modules: tuple[str, ...]) -> dict[str, IRequestHandler]:
+    """Import the handler modules, once per process: a bad --handlers is a usage error."""
     try:
-        registerHandlers(*handlers)
+        return registerHandlers(*modules)
     except ImportError as e:
         raise usage.UsageError(f"--handlers: cannot import {e.name or e}") from None
     except (ValueError, TypeError) as e:
         raise usage.UsageError(f"--handlers: {e}") from None
-    return tuple(handlers)
 
 
 def _checkName(option: str, value: str) -> None:
@@ -63,6 +64,8 @@ def _checkName(option: str, value: str) -> None:
 
 
 class _EnvironmentOptions(usage.Options):
+    registry: dict[str, IRequestHandler]  # the handlers this process runs, by requestType
+
     @classmethod
     def fromEnvironment(cls, environ: Mapping[str, str] | None = None) -> Any:
         """Parse RELAYBUS_* variables as if they were options (for relaybus.tac).
@@ -144,7 +147,7 @@ class GatewayOptions(_EnvironmentOptions):
             raise usage.UsageError("--default-timeout-ms must not exceed --max-timeout-ms")
         self.config = GatewayConfig(
             listen=self["listen"], broker=self["broker"],
-            handlers=_checkHandlers(self["handlers"]),
+            handlers=tuple(self["handlers"]),
             gatewayId=self["gateway-id"] or newGatewayId(), amqpPrefix=self["amqp-prefix"],
             limits=limits, autoPingIntervalS=self["auto-ping-interval"],
             autoPingTimeoutS=self["auto-ping-timeout"],
@@ -152,9 +155,9 @@ class GatewayOptions(_EnvironmentOptions):
             drainTimeoutS=self["drain-timeout"], workerConcurrency=self["worker-concurrency"],
             maxSendBufferBytes=self["max-send-buffer"],
             maxConnections=self["max-connections"])
+        self.registry = _resolveHandlers(self.config.inProcessHandlers)
         _checkName("--gateway-id", self.config.gatewayId)
         _checkName("--amqp-prefix", self.config.amqpPrefix)
-        _checkHandlers(list(self.config.inProcessHandlers))
 
 
 class WorkerOptions(_EnvironmentOptions):
@@ -185,7 +188,8 @@ class WorkerOptions(_EnvironmentOptions):
         if not self["handlers"]:
             raise usage.UsageError("name at least one --handlers module")
         self.config = WorkerConfig(
-            broker=self["broker"], handlers=_checkHandlers(self["handlers"]),
+            broker=self["broker"], handlers=tuple(self["handlers"]),
             concurrency=self["concurrency"], amqpPrefix=self["amqp-prefix"],
             drainTimeoutS=self["drain-timeout"])
+        self.registry = _resolveHandlers(self.config.handlers)
         _checkName("--amqp-prefix", self.config.amqpPrefix)

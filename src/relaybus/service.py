@@ -23,10 +23,10 @@ from relaybus.amqp.workerbus import AmqpWorkerBus
 from relaybus.config import GatewayConfig, WorkerConfig
 from relaybus.correlation import CorrelationTable
 from relaybus.gateway import GatewayFactory, makeSite
-from relaybus.interfaces import IRequestBus, IWorkerBus
+from relaybus.interfaces import IRequestBus, IRequestHandler, IWorkerBus
 from relaybus.memory import MemoryBus
 from relaybus.metrics import GatewayCollector, MetricsResource, gatewayRegistry
-from relaybus.worker import WorkerRuntime, registerHandlers
+from relaybus.worker import WorkerRuntime
 
 log = Logger(namespace="relaybus.service")
 
@@ -61,14 +61,17 @@ def exitZeroOnSigterm(reactor: Any = None) -> None:
 
 
 class GatewayService(MultiService):
-    """The bus, any in-process workers and the WebSocket listener, started in that order."""
+    """The bus, any in-process workers and the WebSocket listener, started in that order.
 
-    def __init__(self, config: GatewayConfig, reactor: Any = None) -> None:
+    `handlers` are the in-process handlers the options resolved (GatewayOptions.registry).
+    """
+
+    def __init__(self, config: GatewayConfig, handlers: dict[str, IRequestHandler],
+                 reactor: Any = None) -> None:
         super().__init__()
         reactor = reactor or _defaultReactor()
         self.config = config
         self.draining = False
-        handlers = registerHandlers(*config.inProcessHandlers)
         self.workers: list[tuple[WorkerRuntime, IService | None]] = []
         bus: IRequestBus
         if config.inMemory:
@@ -130,17 +133,17 @@ class GatewayService(MultiService):
 
 
 class WorkerService(MultiService):
-    """A worker process: handlers from the named modules, served from the broker.
+    """A worker process: the handlers the options resolved (WorkerOptions.registry), served
+    from the broker.
 
     `bus` replaces the broker's bus (tests); like both real buses it must be an IService too.
     """
 
-    def __init__(self, config: WorkerConfig, reactor: Any = None,
-                 bus: IWorkerBus | None = None) -> None:
+    def __init__(self, config: WorkerConfig, handlers: dict[str, IRequestHandler],
+                 reactor: Any = None, bus: IWorkerBus | None = None) -> None:
         super().__init__()
         reactor = reactor or _defaultReactor()
         self.config = config
-        handlers = registerHandlers(*config.handlers)
         if bus is None:
             bus = AmqpWorkerBus(config.broker, reactor, Topology(config.amqpPrefix),
                                 f"relaybus worker {','.join(handlers)}")

@@ -8,7 +8,7 @@ from relaybus.service import GatewayService, exitZeroOnSigterm
 
 def makeService(options: Options) -> IService:
     exitZeroOnSigterm()
-    return GatewayService(options.config)
+    return GatewayService(options.config, options.registry)
 
 
 __all__ = ["Options", "makeService"]

@@ -8,7 +8,7 @@ from relaybus.service import WorkerService, exitZeroOnSigterm
 
 def makeService(options: Options) -> IService:
     exitZeroOnSigterm()
-    return WorkerService(options.config)
+    return WorkerService(options.config, options.registry)
 
 
 __all__ = ["Options", "makeService"]

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import collections
 import enum
-import importlib
 import inspect
 import traceback
-from types import ModuleType
 from typing import Any, Literal
 
 import attrs
@@ -34,34 +32,6 @@ log = Logger(namespace="relaybus.worker")
 # is still queued: it is then skipped instead of run.
 REMEMBER_CANCELLED_S = 300.0
 REMEMBER_CANCELLED_MAX = 10_000
-
-
-def registerHandlers(*sources: Any) -> dict[str, IRequestHandler]:
-    """Collect handlers by requestType from handler objects, modules or dotted module names.
-
-    A module contributes every module-level object that provides IRequestHandler.
-    """
-    registry: dict[str, IRequestHandler] = {}
-    for source in sources:
-        for handler in _handlersIn(source):
-            if handler.requestType in registry:
-                raise ValueError(f"two handlers serve requestType {handler.requestType!r}")
-            registry[handler.requestType] = handler
-    return registry
-
-
-def _handlersIn(source: Any) -> list[IRequestHandler]:
-    if isinstance(source, str):
-        source = importlib.import_module(source)
-    if isinstance(source, ModuleType):
-        found = [value for value in vars(source).values()
-                 if not isinstance(value, type) and IRequestHandler.providedBy(value)]
-        if not found:
-            raise ValueError(f"module {source.__name__} defines no IRequestHandler")
-        return found
-    if IRequestHandler.providedBy(source):
-        return [source]
-    raise TypeError(f"{source!r} is not a handler, a module or a module name")
 
 
 class Settlement(enum.Enum):

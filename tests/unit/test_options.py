@@ -8,8 +8,10 @@ import types
 import pytest
 from twisted.python.usage import UsageError
 
+from relaybus import options as optionsModule
 from relaybus.amqp.topology import Topology
 from relaybus.config import GatewayConfig, Limits, WorkerConfig
+from relaybus.handlers import registerHandlers
 from relaybus.options import GatewayOptions, WorkerOptions
 from relaybus.testing import FakeRequestHandler
 
@@ -184,6 +186,58 @@ def test_worker_every_option() -> None:
 def test_worker_bad_values_are_usage_errors(argv: list[str]) -> None:
     with pytest.raises(UsageError):
         worker(*argv)
+
+
+# The handler registry: resolved once, by the options
+
+
+def test_gateway_options_resolve_the_in_process_handlers_once(
+        monkeypatch: pytest.MonkeyPatch, extraHandlerModule: types.ModuleType) -> None:
+    calls: list[tuple[object, ...]] = []
+
+    def counting(*sources: object) -> object:
+        calls.append(sources)
+        return registerHandlers(*sources)
+
+    monkeypatch.setattr(optionsModule, "registerHandlers", counting)
+    options = GatewayOptions()
+    options.parseOptions(["--handlers", EXTRA])
+    assert options.registry == {"extra": extraHandlerModule.extra}
+    assert calls == [(EXTRA,)]
+
+
+def test_gateway_options_resolve_the_examples_by_default() -> None:
+    options = GatewayOptions()
+    options.parseOptions([])
+    assert sorted(options.registry) == ["echo", "primes", "testRequest"]
+    options.parseOptions(["--broker", "amqp://rabbit/"])
+    assert options.registry == {}
+
+
+def test_worker_options_resolve_the_handlers(extraHandlerModule: types.ModuleType) -> None:
+    options = WorkerOptions()
+    options.parseOptions(["--broker", "amqp://rabbit/", "--handlers", EXTRA])
+    assert options.registry == {"extra": extraHandlerModule.extra}
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--handlers", "no.such.module"], "--handlers: cannot import no"),
+    (["--handlers", "json"], "--handlers: module json defines no IRequestHandler"),
+    (["--handlers", "workers.examples", "--handlers", "workers.examples"],
+     "--handlers: two handlers serve requestType 'testRequest'"),
+])
+def test_bad_handlers_messages(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError) as raised:
+        gateway(*argv)
+    assert str(raised.value) == message
+    with pytest.raises(UsageError) as raised:
+        worker("--broker", "amqp://rabbit/", *argv)
+    assert str(raised.value) == message
+
+
+def test_from_environment_resolves_the_handlers_for_relaybus_tac() -> None:
+    options = GatewayOptions.fromEnvironment({"RELAYBUS_HANDLERS": EXTRA})
+    assert list(options.registry) == ["extra"]
 
 
 # The environment twins

@@ -32,9 +32,10 @@ from relaybus.testing import FakeReplyReceiver, FakeRequestHandler
 DRAIN_TIMEOUT_S = 10.0
 NOW = 1_764_000_000.0
 
-# The in-process handler of the gateway and the worker's handler: both services take handler
-# modules by name, and this module is one (see the `handler` fixture).
+# The in-process handler of the gateway and the worker's handler: both services run the handlers
+# the options resolved (options.registry), here this one (see the `handler` fixture).
 slowHandler = FakeRequestHandler("slow")
+REGISTRY = {"slow": slowHandler}
 
 
 @implementer(IListeningPort)
@@ -125,7 +126,7 @@ class Gateway:
         self.reactor = reactor
         self.service = GatewayService(GatewayConfig(
             listen="tcp:8080:interface=127.0.0.1", handlers=(__name__,), gatewayId="gw-test",
-            drainTimeoutS=DRAIN_TIMEOUT_S), reactor)
+            drainTimeoutS=DRAIN_TIMEOUT_S), REGISTRY, reactor)
         self.service.startService()
         [(self.runtime, _)] = self.service.workers
         [self.port] = reactor.ports
@@ -257,7 +258,7 @@ class Worker:
         self.bus.listen(self.replies)  # plays the gateway
         self.service = WorkerService(WorkerConfig(
             broker="amqp://guest:guest@127.0.0.1:5672/", handlers=(__name__,),
-            drainTimeoutS=DRAIN_TIMEOUT_S), reactor, bus=self.bus)
+            drainTimeoutS=DRAIN_TIMEOUT_S), REGISTRY, reactor, bus=self.bus)
         self.service.startService()
 
     def publish(self, correlationId: str) -> Deferred[None]:
