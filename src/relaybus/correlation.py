@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from relaybus.config import Limits
 from relaybus.errors import WORKER_ERROR_CODES, ErrorCode, RelaybusError
-from relaybus.frames import RequestFrame, chunkFrame, errorFrame, responseFrame
+from relaybus.frames import RequestFrame
 from relaybus.interfaces import IClientConnection, IReplyReceiver, IRequestBus
 from relaybus.messages import CancelNotice, ReplyKind, ReplyMessage, RequestMessage
 from relaybus.strictjson import decodeJSON, encodeJSON
@@ -90,7 +90,7 @@ class CorrelationTable:
             except ValueError as e:
                 refusal = RelaybusError(ErrorCode.BAD_REQUEST, f"payload: {e}")
         if refusal is not None:
-            connection.deliverFrame(errorFrame(frame.requestId, refusal))
+            connection.sendError(frame.requestId, refusal)
             return None
 
         timeoutMs = frame.timeoutMs or self._limits.defaultTimeoutMs
@@ -171,6 +171,9 @@ class CorrelationTable:
             self._notifyWorkers(entry, "gateway_error")
 
     def _routeReply(self, entry: PendingRequest, reply: ReplyMessage) -> None:
+        # A bus-side guard: a body over the client's limit is refused before the gateway spends
+        # time and memory decoding it. The frame made of a smaller one is held to the limit by
+        # the connection (IClientConnection).
         if len(reply.body) > self._limits.maxMessageBytes:
             self._finish(entry, RelaybusError(
                 ErrorCode.PAYLOAD_TOO_LARGE,
@@ -229,26 +232,13 @@ class CorrelationTable:
         if seq is not None and seq < entry.nextSeq:
             # An idempotent handler ran again after a redelivery: the client has these already.
             return
-        frame = self._encodeOrRefuse(chunkFrame, entry, entry.nextSeq, data)
-        if isinstance(frame, RelaybusError):
-            self._finish(entry, frame)
-            self._notifyWorkers(entry, str(frame.code))
-            return
-        entry.connection.deliverFrame(frame)
-        entry.nextSeq += 1
-
-    def _encodeOrRefuse(self, encoder: Any, entry: PendingRequest, *args: Any) -> Any:
-        """A frame for the client, or the error to send instead when it cannot be one."""
         try:
-            frame = encoder(entry.requestId, *args)
-        except ValueError:
-            return RelaybusError(ErrorCode.HANDLER_ERROR,
-                                 "the worker's reply cannot be sent as JSON")
-        if len(frame) > self._limits.maxMessageBytes:
-            return RelaybusError(ErrorCode.PAYLOAD_TOO_LARGE,
-                                 f"the worker's reply is larger than the client's limit of "
-                                 f"{self._limits.maxMessageBytes} bytes")
-        return frame
+            entry.connection.sendChunk(entry.requestId, entry.nextSeq, data)
+        except RelaybusError as refusal:  # nothing was sent: the chunk ends the request
+            self._finish(entry, refusal)
+            self._notifyWorkers(entry, str(refusal.code))
+            return
+        entry.nextSeq += 1
 
     def _expire(self, entry: PendingRequest) -> None:
         entry.timer = None
@@ -290,10 +280,10 @@ class CorrelationTable:
             self._bus.publishCancel(CancelNotice(entry.correlationId, entry.requestType, reason))
 
     def _sendResponse(self, data: Any, entry: PendingRequest) -> Any:
-        frame = self._encodeOrRefuse(responseFrame, entry, data)
-        if isinstance(frame, RelaybusError):
-            frame = errorFrame(entry.requestId, frame)
-        entry.connection.deliverFrame(frame)
+        try:
+            entry.connection.sendResponse(entry.requestId, data)
+        except RelaybusError as refusal:  # nothing was sent: the error is the terminal frame
+            entry.connection.sendError(entry.requestId, refusal)
         return data
 
     @staticmethod
@@ -308,11 +298,7 @@ class CorrelationTable:
             log.failure("Request {correlationId} failed", failure,
                         correlationId=entry.correlationId)
             error = RelaybusError(ErrorCode.UNAVAILABLE, "the gateway failed")
-        frame = errorFrame(entry.requestId, error)
-        if len(frame) > self._limits.maxMessageBytes:  # keep the code, drop the long message
-            frame = errorFrame(entry.requestId, RelaybusError(
-                error.code, "the error message was too long to send"))
-        entry.connection.deliverFrame(frame)
+        entry.connection.sendError(entry.requestId, error)
 
 
 def _workerError(data: Any) -> RelaybusError:

@@ -177,3 +177,40 @@ def responseFrame(requestId: str, data: Any) -> bytes:
 
 def errorFrame(requestId: str | None, error: RelaybusError) -> bytes:
     return encodeJSON({"type": "error", "requestId": requestId, "error": error.asDict()})
+
+
+@attrs.frozen
+class ClientFrames:
+    """A request's chunks, response and error as frames for one client, within its limit.
+
+    What the WebSocket edge sends through IClientConnection (the fake in relaybus.testing uses
+    it too, so both refuse alike): a chunk or response that cannot be a frame raises the
+    RelaybusError to end its request with; an error frame is always made sendable.
+    """
+
+    maxMessageBytes: int
+
+    def chunk(self, requestId: str, seq: int, data: Any) -> bytes:
+        return self._withinLimit(chunkFrame, requestId, seq, data)
+
+    def response(self, requestId: str, data: Any) -> bytes:
+        return self._withinLimit(responseFrame, requestId, data)
+
+    def error(self, requestId: str | None, error: RelaybusError) -> bytes:
+        frame = errorFrame(requestId, error)
+        if len(frame) > self.maxMessageBytes:  # keep the code, drop the long message
+            frame = errorFrame(requestId, RelaybusError(
+                error.code, "the error message was too long to send"))
+        return frame
+
+    def _withinLimit(self, encoder: Any, requestId: str, *args: Any) -> bytes:
+        try:
+            frame: bytes = encoder(requestId, *args)
+        except ValueError:  # NaN or a lone surrogate that got this far, or too deep
+            raise RelaybusError(ErrorCode.HANDLER_ERROR,
+                                "the worker's reply cannot be sent as JSON") from None
+        if len(frame) > self.maxMessageBytes:
+            raise RelaybusError(ErrorCode.PAYLOAD_TOO_LARGE,
+                                f"the worker's reply is larger than the client's limit of "
+                                f"{self.maxMessageBytes} bytes")
+        return frame

@@ -29,6 +29,7 @@ from relaybus.correlation import CorrelationTable
 from relaybus.errors import ErrorCode, RelaybusError
 from relaybus.frames import (
     CancelFrame,
+    ClientFrames,
     ClientLogFrame,
     FrameError,
     RequestFrame,
@@ -103,7 +104,7 @@ class GatewayProtocol(WebSocketServerProtocol):
         self._logEntriesDropped = 0
         self._lastDropNoticeAt: float | None = None
         self._watchSendBuffer()
-        self.deliverFrame(helloFrame(self.connectionId, limits.forHello()))
+        self._sendTextFrame(helloFrame(self.connectionId, limits.forHello()))
 
     def _watchSendBuffer(self) -> None:
         """Become the transport's producer so a full write buffer tells us the client stalled.
@@ -131,14 +132,14 @@ class GatewayProtocol(WebSocketServerProtocol):
             # A bug of ours must cost this frame only, never the connection or its requests.
             log.failure("Handling a frame from {connectionId} failed",
                         connectionId=self.connectionId)
-            self.deliverFrame(errorFrame(None, FrameError("the gateway could not handle "
-                                                          "this frame")))
+            self._sendTextFrame(errorFrame(None, FrameError("the gateway could not handle "
+                                                            "this frame")))
 
     def _frameReceived(self, payload: bytes, isBinary: bool) -> None:
         try:
             frame = parseClientFrame(payload, isBinary)
         except FrameError as e:
-            self.deliverFrame(errorFrame(e.requestId, e))
+            self._sendTextFrame(errorFrame(e.requestId, e))
             return
         if isinstance(frame, RequestFrame):
             self.factory.table.submit(self, frame)
@@ -174,7 +175,20 @@ class GatewayProtocol(WebSocketServerProtocol):
             self.factory.connections.discard(self)
             self.factory.table.connectionLost(self)
 
-    def deliverFrame(self, frame: bytes) -> None:
+    # IClientConnection: a request's frames, held to the client's maxMessageBytes (ClientFrames
+    # raises before anything is sent), then sent or dropped like every frame.
+
+    def sendChunk(self, requestId: str, seq: int, data: Any) -> None:
+        self._sendTextFrame(self.factory.clientFrames.chunk(requestId, seq, data))
+
+    def sendResponse(self, requestId: str, data: Any) -> None:
+        self._sendTextFrame(self.factory.clientFrames.response(requestId, data))
+
+    def sendError(self, requestId: str, error: RelaybusError) -> None:
+        self._sendTextFrame(self.factory.clientFrames.error(requestId, error))
+
+    def _sendTextFrame(self, frame: bytes) -> None:
+        """Send one encoded text frame; silently dropped once the connection is closing."""
         if self.state != WebSocketProtocol.STATE_OPEN:
             return
         if self._sendPaused:
@@ -223,7 +237,7 @@ class GatewayProtocol(WebSocketServerProtocol):
         dropped, self._logEntriesDropped = self._logEntriesDropped, 0
         log.warn("Dropped {dropped} client-log entries from {connectionId} over its rate limit",
                  dropped=dropped, connectionId=self.connectionId)
-        self.deliverFrame(errorFrame(None, RelaybusError(
+        self._sendTextFrame(errorFrame(None, RelaybusError(
             ErrorCode.OVERLOADED,
             f"client-log rate limit ({limits.clientLogPerSecond} entries/s, burst "
             f"{limits.clientLogBurst}) exceeded: {dropped} entries dropped")))
@@ -238,6 +252,7 @@ class GatewayFactory(WebSocketServerFactory):
         self.config = config
         self.table = table
         self.clock = clock
+        self.clientFrames = ClientFrames(config.limits.maxMessageBytes)
         self.connections: set[GatewayProtocol] = set()
         self.admitted = 0  # connections open or in their handshake
         self.connectionsRefused = 0

@@ -105,9 +105,26 @@ class IRequestHandler(Interface):
 
 
 class IClientConnection(Interface):
-    """One client's WebSocket, as the correlation table sees it."""
+    """One client's WebSocket, as the correlation table sees it.
+
+    The table hands it a request's chunks, response and error; the connection (the WebSocket
+    edge) owns their wire format and the client's maxMessageBytes. A chunk or response that
+    cannot be sent raises RelaybusError and sends nothing: `payload_too_large` when its frame
+    would be larger than maxMessageBytes, `handler_error` when the data cannot be encoded as
+    JSON. The table then ends the request with that error, once: a refused chunk ends it and
+    tells the workers (a cancel notice with the code as its reason); a refused response is
+    answered with `sendError` instead. `sendError` never refuses: an error whose frame would
+    be too large keeps its code and gets a short message. Once the connection is closing,
+    whatever passes these checks is dropped silently.
+    """
 
     connectionId = Attribute("Unique id of this connection (also sent in the hello frame).")
 
-    def deliverFrame(frame):
-        """Send one encoded text frame; silently dropped once the connection is closing."""
+    def sendChunk(requestId, seq, data):
+        """Send chunk number `seq` of a request; raises RelaybusError when it cannot be sent."""
+
+    def sendResponse(requestId, data):
+        """Send a request's final response; raises RelaybusError when it cannot be sent."""
+
+    def sendError(requestId, error):
+        """Send a request's final error (a RelaybusError); never raises for size or content."""

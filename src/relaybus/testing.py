@@ -28,7 +28,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relaybus.config import Limits
 from relaybus.errors import RelaybusError
+from relaybus.frames import ClientFrames
 from relaybus.interfaces import (
     IClientConnection,
     IReplyReceiver,
@@ -47,12 +49,26 @@ from relaybus.strictjson import decodeJSON
 @implementer(IClientConnection)
 @attrs.define(eq=False)
 class FakeClientConnection:
-    """A client connection that keeps every frame sent to it, decoded."""
+    """A client connection that keeps every frame sent to it, decoded.
+
+    Frames are made as the gateway's are (ClientFrames), so a chunk or response over
+    `maxMessageBytes` or not encodable raises the same RelaybusError and records nothing.
+    """
 
     connectionId: str = "connection-1"
     frames: list[dict[str, Any]] = attrs.field(factory=list)
+    maxMessageBytes: int = Limits().maxMessageBytes
 
-    def deliverFrame(self, frame: bytes) -> None:
+    def sendChunk(self, requestId: str, seq: int, data: Any) -> None:
+        self._record(ClientFrames(self.maxMessageBytes).chunk(requestId, seq, data))
+
+    def sendResponse(self, requestId: str, data: Any) -> None:
+        self._record(ClientFrames(self.maxMessageBytes).response(requestId, data))
+
+    def sendError(self, requestId: str, error: RelaybusError) -> None:
+        self._record(ClientFrames(self.maxMessageBytes).error(requestId, error))
+
+    def _record(self, frame: bytes) -> None:
         self.frames.append(decodeJSON(frame))
 
     def terminalFrames(self, requestId: str) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from unitsupport import assertNoResult, successResultOf
 from relaybus.config import Limits
 from relaybus.correlation import CorrelationTable
 from relaybus.errors import WORKER_ERROR_CODES, ErrorCode, RelaybusError
-from relaybus.frames import RequestFrame, responseFrame
+from relaybus.frames import RequestFrame
 from relaybus.messages import CancelNotice, RequestMessage
 from relaybus.strictjson import encodeJSON
 from relaybus.testing import FakeClientConnection, FakeRequestBus
@@ -32,7 +32,8 @@ class Gateway:
         self.clock.advance(START)
         self.bus = FakeRequestBus(replyTo="gw-test-replies")
         self.table = CorrelationTable(self.bus, self.clock, limits, "gw-test")
-        self.conn = FakeClientConnection("c1")
+        # the edge holds frames to the same limit as the table (one GatewayConfig in service.py)
+        self.conn = FakeClientConnection("c1", maxMessageBytes=limits.maxMessageBytes)
 
     def submit(self, requestId: str = "r-1", conn: FakeClientConnection | None = None,
                requestType: str = "echo", payload: Any = None,
@@ -327,8 +328,8 @@ def test_connection_lost_ends_all_its_requests_and_tells_workers(gw: Gateway) ->
     assert gw.table.inFlight(gw.conn) == 0
     assertNoResult(otherOutcome)
     assert other.frames == []
-    # What the table handed the lost connection is at most its cancelled error frames, which a
-    # closed GatewayProtocol drops (IClientConnection.deliverFrame); never a response or chunk.
+    # What the table handed the lost connection is at most its cancelled errors, which a closed
+    # GatewayProtocol drops (IClientConnection); never a response or chunk.
     assert all(f["type"] == "error" and f["error"]["code"] == "cancelled"
                for f in gw.conn.frames)
     for message in messages:
@@ -486,25 +487,44 @@ def test_reply_larger_than_max_message_bytes_is_payload_too_large(gw: Gateway,
     gw.assertEmpty()
 
 
-def _responseOfFrameSize(size: int) -> bytes:
-    """A reply body whose response frame to the client is exactly `size` bytes."""
-    overhead = len(responseFrame("r-1", ""))
-    return encodeJSON("x" * (size - overhead))
+# A reply the connection cannot send (IClientConnection raises; the sizes are the edge's, see
+# test_gateway_protocol.py): the request still ends once, with the connection's code.
+
+SMALL_CLIENT = 200  # bytes: a reply body well within the table's limit makes a frame over it
+UNSENDABLE = [
+    pytest.param(b'"' + b"x" * 300 + b'"', "payload_too_large", id="frame-over-the-limit"),
+    pytest.param(b'"report-\\udcff"', "handler_error", id="lone-surrogate"),
+]
 
 
-def test_reply_whose_frame_is_exactly_max_message_bytes_is_forwarded(gw: Gateway) -> None:
-    _, message = gw.accept()
-    gw.reply(message, "response", body=_responseOfFrameSize(LIMITS.maxMessageBytes))
-    frame = terminal(gw.conn, "r-1")
-    assert frame["type"] == "response"
-    assert len(responseFrame("r-1", frame["data"])) == LIMITS.maxMessageBytes
+@pytest.mark.parametrize(("body", "code"), UNSENDABLE)
+def test_chunk_the_connection_cannot_send_ends_the_request_and_tells_workers(
+        gw: Gateway, body: bytes, code: str) -> None:
+    gw.conn = FakeClientConnection("small", maxMessageBytes=SMALL_CLIENT)
+    outcome, message = gw.accept()
+    gw.reply(message, "chunk", "fits", seq=0)
+    gw.reply(message, "chunk", body=body, seq=1)
+    assert [f["type"] for f in gw.conn.frames] == ["chunk", "error"]
+    assert errorCodeOf(gw.conn, "r-1") == code
+    assert outcome.called
+    assert gw.bus.cancels == [CancelNotice(message.correlationId, "echo", code)]
+    gw.reply(message, "chunk", "late", seq=2)
+    gw.reply(message, "response", "late")
+    assert len(gw.conn.frames) == 2
+    gw.assertEmpty()
 
 
-def test_reply_whose_frame_is_one_byte_over_the_limit_is_payload_too_large(gw: Gateway) -> None:
-    _, message = gw.accept()
-    gw.reply(message, "response", body=_responseOfFrameSize(LIMITS.maxMessageBytes + 1))
-    assert errorCodeOf(gw.conn, "r-1") == "payload_too_large"
-    assert len(gw.table) == 0
+@pytest.mark.parametrize(("body", "code"), UNSENDABLE)
+def test_response_the_connection_cannot_send_becomes_an_error_frame(
+        gw: Gateway, body: bytes, code: str) -> None:
+    gw.conn = FakeClientConnection("small", maxMessageBytes=SMALL_CLIENT)
+    outcome, message = gw.accept()
+    gw.reply(message, "response", body=body)
+    assert [f["type"] for f in gw.conn.frames] == ["error"]
+    assert errorCodeOf(gw.conn, "r-1") == code
+    assert outcome.called
+    assert gw.bus.cancels == []  # the worker is done already
+    gw.assertEmpty()
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"", b"\xff\xfe", b"NaN", b"[1,]",

@@ -182,28 +182,8 @@ def test_handler_error_message_with_a_lone_surrogate_gets_a_final_reply_and_an_a
     assert bus.settled.get("c-1") == "ack"
 
 
-def test_error_frame_is_never_larger_than_max_message_bytes() -> None:
-    clock = Clock()
-    clock.advance(START)
-    bus = FakeRequestBus(replyTo="gw-test")
-    limits = Limits(maxMessageBytes=1000)
-    table = CorrelationTable(bus, clock, limits, "gw-test")
-    sizes: list[int] = []
-
-    class SizedConnection(FakeClientConnection):
-        def deliverFrame(self, frame: bytes) -> None:
-            sizes.append(len(frame))
-            super().deliverFrame(frame)
-
-    conn = SizedConnection("c1")
-    table.submit(conn, RequestFrame("r-1", "echo", None, None))
-    message, published = bus.published[0]
-    published.callback(None)
-    body = encodeJSON({"code": "handler_error", "message": "m" * 960})
-    assert len(body) <= limits.maxMessageBytes  # the reply itself is within the limit
-    bus.reply(message, "error", body)
-    assert len(conn.terminalFrames("r-1")) == 1
-    assert max(sizes) <= limits.maxMessageBytes, sizes
+# (An error frame is never larger than maxMessageBytes: the edge's check, in
+# test_gateway_protocol.py.)
 
 
 # 5. Protocol: numbers beyond the range of a 64-bit float.

@@ -26,8 +26,11 @@ from workers.examples import EchoHandler
 
 from relaybus.config import GatewayConfig, Limits
 from relaybus.correlation import CorrelationTable
+from relaybus.errors import RelaybusError
+from relaybus.frames import chunkFrame, responseFrame
 from relaybus.gateway import GatewayFactory, GatewayProtocol
 from relaybus.memory import MemoryBus
+from relaybus.testing import FakeRequestHandler
 from relaybus.worker import WorkerRuntime
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -142,7 +145,9 @@ class Gateway:
         self.config = GatewayConfig(gatewayId="gw-test", limits=LIMITS, **config)
         self.bus = MemoryBus(clock)
         self.bus.startService()
-        self.runtime = WorkerRuntime(self.bus, {"echo": EchoHandler()}, clock)
+        self.handler = FakeRequestHandler("fake")  # a worker the test plays by hand
+        self.runtime = WorkerRuntime(self.bus, {"echo": EchoHandler(), "fake": self.handler},
+                                     clock)
         self.runtime.startService()
         self.table = CorrelationTable(self.bus, clock, LIMITS, "gw-test")
         self.factory = GatewayFactory(self.config, self.table, clock)
@@ -362,7 +367,7 @@ def test_a_client_that_does_not_read_is_closed_with_1008_past_the_cap(clock: Clo
     # its requests end at once (the worker is told), nothing more is queued for it
     assert len(gw.table) == 0
     assert [n.reason for n in _Recorder.cancels(slow)] == ["disconnected"]
-    client.protocol.deliverFrame(b'{"type":"response"}')
+    client.protocol.sendResponse("r-0", "late")
     assert client.frames() == []
     assert any("unread" in m for m in log.gatewayLines())
 
@@ -423,6 +428,116 @@ def test_message_of_exactly_the_limit_is_accepted(gw: Gateway) -> None:
     assert client.isOpen
 
 
+
+
+# A request's frames are held to maxMessageBytes at the edge (IClientConnection raises before
+# anything is sent; the table's reaction is in test_correlation.py)
+
+
+def openClient(gw: Gateway) -> Client:
+    client = gw.connect()
+    client.messages()  # the hello
+    return client
+
+
+def sender(client: Client, kind: str) -> Any:
+    if kind == "chunk":
+        return lambda data: client.protocol.sendChunk("r-1", 0, data)
+    return lambda data: client.protocol.sendResponse("r-1", data)
+
+
+def overhead(kind: str) -> int:
+    """Bytes of a chunk or response frame of r-1 around its data (here an empty string)."""
+    return len(chunkFrame("r-1", 0, "") if kind == "chunk" else responseFrame("r-1", ""))
+
+
+@pytest.mark.parametrize("kind", ["chunk", "response"])
+def test_a_frame_of_exactly_the_limit_is_sent_and_one_byte_more_is_refused(
+        gw: Gateway, kind: str) -> None:
+    client = openClient(gw)
+    send = sender(client, kind)
+    send("x" * (LIMITS.maxMessageBytes - overhead(kind)))
+    [(opcode, payload)] = client.frames()
+    assert opcode == OPCODE_TEXT and len(payload) == LIMITS.maxMessageBytes
+    assert json.loads(payload)["type"] == kind
+    with pytest.raises(RelaybusError) as refused:
+        send("x" * (LIMITS.maxMessageBytes - overhead(kind) + 1))
+    assert refused.value.asDict() == {
+        "code": "payload_too_large",
+        "message": "the worker's reply is larger than the client's limit of 4096 bytes"}
+    assert client.frames() == []  # nothing was sent
+    assert client.isOpen
+
+
+@pytest.mark.parametrize("data", ["report-\udcff", float("nan"), {"x": float("inf")}],
+                         ids=["lone-surrogate", "nan", "infinity"])
+@pytest.mark.parametrize("kind", ["chunk", "response"])
+def test_data_that_cannot_be_json_is_refused_as_handler_error(gw: Gateway, kind: str,
+                                                              data: Any) -> None:
+    client = openClient(gw)
+    with pytest.raises(RelaybusError) as refused:
+        sender(client, kind)(data)
+    assert refused.value.asDict() == {"code": "handler_error",
+                                      "message": "the worker's reply cannot be sent as JSON"}
+    assert client.frames() == []
+
+
+def test_an_error_frame_is_never_larger_than_the_limit_and_keeps_its_code(gw: Gateway) -> None:
+    client = openClient(gw)
+    fits = RelaybusError("handler_error", "m" * 1000)
+    client.protocol.sendError("r-1", fits)
+    # 1,024 four-byte characters (the longest message an error carries): over 4,096 bytes
+    tooLong = RelaybusError("bad_request", "\U0001F600" * 2000)
+    client.protocol.sendError("r-2", tooLong)
+    frames = client.frames()
+    assert all(len(payload) <= LIMITS.maxMessageBytes for _, payload in frames)
+    assert [json.loads(payload) for _, payload in frames] == [
+        {"type": "error", "requestId": "r-1", "error": fits.asDict()},
+        {"type": "error", "requestId": "r-2",
+         "error": {"code": "bad_request", "message": "the error message was too long to send"}}]
+
+
+def handedToTheWorker(gw: Gateway) -> tuple[Client, Any, Any, Any]:
+    """A client whose request r-1 is with the test's worker: (client, request, stream, work)."""
+    client = openClient(gw)
+    client.sendJSON({"type": "request", "requestId": "r-1", "requestType": "fake"})
+    gw.settle()
+    [(request, stream, work)] = gw.handler.calls
+    return client, request, stream, work
+
+
+def test_a_worker_error_reply_within_the_limit_never_makes_a_frame_over_it(gw: Gateway) -> None:
+    client, _request, _stream, work = handedToTheWorker(gw)
+    # 4,056 bytes of message: the worker's reply fits the limit, an error frame of it does not
+    work.errback(RelaybusError("handler_error", "\U0001F600" * 1014))
+    gw.settle()
+    [(_, payload)] = client.frames()
+    assert len(payload) <= LIMITS.maxMessageBytes
+    assert json.loads(payload)["error"] == {"code": "handler_error",
+                                            "message": "the error message was too long to send"}
+    assert len(gw.table) == 0
+
+
+def test_a_worker_chunk_over_the_clients_limit_ends_the_request_and_stops_the_worker(
+        gw: Gateway) -> None:
+    client, request, stream, _work = handedToTheWorker(gw)
+    stream.sendChunk("x" * (LIMITS.maxMessageBytes - 2))  # the reply fits, its frame does not
+    gw.settle()
+    [error] = client.messages()
+    assert error["requestId"] == "r-1" and error["error"]["code"] == "payload_too_large"
+    assert gw.handler.cancelled == [request]  # the worker was told, and stopped it
+    assert len(gw.table) == 0
+
+
+def test_a_worker_response_over_the_clients_limit_becomes_payload_too_large(
+        gw: Gateway) -> None:
+    client, _request, _stream, work = handedToTheWorker(gw)
+    work.callback("x" * (LIMITS.maxMessageBytes - 2))
+    gw.settle()
+    [error] = client.messages()
+    assert error["requestId"] == "r-1" and error["error"]["code"] == "payload_too_large"
+    assert gw.handler.cancelled == []
+    assert len(gw.table) == 0
 
 
 def closeCode(client: Client) -> int | None:
@@ -522,12 +637,14 @@ def test_connection_lost_cancels_its_requests_and_sends_nothing(gw: Gateway) -> 
     assert [n.reason for n in _Recorder.cancels(slow)] == ["disconnected"]
 
 
-def test_deliver_frame_after_close_is_dropped(gw: Gateway) -> None:
+def test_frames_after_close_are_dropped(gw: Gateway) -> None:
     client = gw.connect()
     client.messages()
     client.protocol.connectionLost(Failure(ConnectionResetError()))
     written = len(client.transport.value())
-    client.protocol.deliverFrame(b'{"type":"response"}')
+    client.protocol.sendChunk("r-1", 0, "late")
+    client.protocol.sendResponse("r-1", "late")
+    client.protocol.sendError("r-1", RelaybusError("cancelled", "late"))
     assert len(client.transport.value()) == written
 
 
