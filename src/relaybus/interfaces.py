@@ -9,6 +9,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
+from relaybus.errors import RelaybusError
 from relaybus.messages import CancelNotice, Delivery, ReplyMessage, RequestMessage
 
 
@@ -120,11 +121,11 @@ class IClientConnection(Interface):
 
     connectionId = Attribute("Unique id of this connection (also sent in the hello frame).")
 
-    def sendChunk(requestId, seq, data):
+    def sendChunk(requestId: str, seq: int, data: Any) -> None:
         """Send chunk number `seq` of a request; raises RelaybusError when it cannot be sent."""
 
-    def sendResponse(requestId, data):
+    def sendResponse(requestId: str, data: Any) -> None:
         """Send a request's final response; raises RelaybusError when it cannot be sent."""
 
-    def sendError(requestId, error):
+    def sendError(requestId: str, error: RelaybusError) -> None:
         """Send a request's final error (a RelaybusError); never raises for size or content."""
