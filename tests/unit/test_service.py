@@ -14,14 +14,13 @@ from typing import Any
 
 import pytest
 import txaio
-from test_gateway_protocol import OPCODE_CLOSE, OPCODE_TEXT, Client
-from test_site import get
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from unitsupport import assertNoResult, errorCode, requestMessage, successResultOf
+from websupport import OPCODE_CLOSE, OPCODE_TEXT, Client, get
 from zope.interface import implementer
 
 from relaybus.config import GatewayConfig, WorkerConfig

@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 from twisted.internet.task import Clock
-from twisted.web.resource import getChildForRequest
-from twisted.web.server import NOT_DONE_YET, Site
-from twisted.web.test.requesthelper import DummyRequest
+from websupport import get
 
 from relaybus import gateway
 from relaybus.config import GatewayConfig
@@ -44,18 +42,6 @@ class Gateway:
 
     def get(self, path: bytes) -> tuple[int, bytes, bytes | None]:
         return get(self.site, path)
-
-
-def get(site: Site, path: bytes) -> tuple[int, bytes, bytes | None]:
-    segments = path.lstrip(b"/").split(b"/")
-    request = DummyRequest(segments)
-    request.path = path
-    resource = getChildForRequest(site.resource, request)
-    rendered = resource.render(request)
-    body = b"".join(request.written) if rendered is NOT_DONE_YET else rendered
-    assert isinstance(body, bytes)
-    contentType = request.responseHeaders.getRawHeaders(b"content-type", [None])[0]
-    return request.responseCode or 200, body, contentType
 
 
 def test_demo_page_at_the_root(webRoot: Path) -> None:
