@@ -4,7 +4,6 @@ AMQP contract, with no connection, channel or reactor in sight (benchmarks reuse
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import pika
 
@@ -21,11 +20,11 @@ TRANSIENT = 1  # delivery_mode: requests and replies are worthless after their d
 DEFAULT_CANCEL_REASON = "cancelled"
 
 
-def _properties(**fields: Any) -> pika.BasicProperties:
+def _properties(**fields: object) -> pika.BasicProperties:
     return pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=TRANSIENT, **fields)
 
 
-def _headers(properties: pika.BasicProperties) -> Mapping[str, Any]:
+def _headers(properties: pika.BasicProperties) -> Mapping[str, object]:
     return properties.headers or {}
 
 

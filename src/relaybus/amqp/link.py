@@ -185,7 +185,7 @@ class AmqpConnection(TwistedProtocolConnection):
         self._onLost(self, reason)
 
 
-SetUp = Callable[[TwistedProtocolConnection], Deferred[Any]]
+SetUp = Callable[[TwistedProtocolConnection], Deferred[None]]
 
 
 class BrokerLink(Service):
@@ -351,7 +351,7 @@ class BrokerLink(Service):
         """Close politely, but never wait on a broker that does not answer or read."""
         super().stopService()
         connection, client = self.connection or self._settingUp, self._client
-        closing: Deferred[Any] = defer.succeed(None)
+        closing: Deferred[None] = defer.succeed(None)
         if connection is not None and connection.is_open and connection.closed is not None:
             closing = atMost(connection.closed, CLOSE_TIMEOUT_S, self._clock)
             connection.close()
