@@ -40,9 +40,9 @@ import pytest
 from faultload import Tally, finishAll, firstOutcomes, inFlight, loadRunning
 from zope.interface import implementer
 
-from conftest import Broker, waitUntil
+from processfixtures import Broker, waitUntil
+from relaybus.harness import freePort
 from relaybus.interfaces import IRequestHandler, IRequestStream
-from relaybus.testing import freePort
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.processes]
 
@@ -83,12 +83,9 @@ def test_gateway_recovers_when_the_broker_cancels_its_reply_consumer(makeStack, 
 
 
 @pytest.mark.log_errors_expected
-def test_worker_recovers_after_the_broker_closes_its_publishing_channel(makeStack, connect,
-                                                                        waitUntil,
-                                                                        monkeypatch):
-    here = str(Path(__file__).parent)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        filter(None, [here, os.environ.get("PYTHONPATH")])))
+def test_worker_recovers_after_the_broker_closes_its_publishing_channel(handlerPath,
+                                                                        makeStack, connect,
+                                                                        waitUntil):
     stack = makeStack("rabbitmq", workerArgs=("--handlers", Path(__file__).stem))
     client = connect(stack)
     assert client.call("echo", "before").data == "before"

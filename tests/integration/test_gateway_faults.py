@@ -26,8 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Frame, Opcode
 from websockets.sync.client import connect as wsConnect
 
-from conftest import portRefuses
-from relaybus.testing import GatewayProcess
+from relaybus.harness import GatewayProcess, portRefuses
 
 pytestmark = [pytest.mark.processes, pytest.mark.rabbitmq]
 

@@ -11,8 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import portRefuses
-from relaybus.testing import GatewayProcess, ServiceProcess, freePort, twistdCommand
+from relaybus.harness import (
+    GatewayProcess,
+    ServiceProcess,
+    freePort,
+    portRefuses,
+    twistdCommand,
+)
 
 pytestmark = [pytest.mark.processes]
 

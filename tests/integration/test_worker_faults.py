@@ -11,7 +11,6 @@ This module is also a handler module: the workers load it with --handlers.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import time
@@ -59,14 +58,6 @@ faultStreamIdempotent = _LoggedStream("faultStreamIdempotent", idempotent=True)
 
 WORKER_ARGS = ("--handlers", Path(__file__).stem, "--concurrency", "30")
 DEADLINE_MS = 30_000
-
-
-@pytest.fixture
-def handlerPath(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Workers started by the test can import this module."""
-    here = str(Path(__file__).parent)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        filter(None, [here, os.environ.get("PYTHONPATH")])))
 
 
 def _stream(client: Any, requestType: str, count: int, delayMs: int = 100) -> str:
