@@ -23,6 +23,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from relaybus.harness import queueMessageCount
 from relaybus.interfaces import IRequestHandler, IRequestStream
 from relaybus.worker import HandlerRequest
 
@@ -147,12 +148,14 @@ def test_request_queued_without_a_consumer_times_out_and_is_never_run(
     queue = f"{stack.prefix}requests.faultStream"
     assert stack.broker.queues()[queue]["consumers"] == 0
     client = connect(stack)
-    timeoutS = 3.0
+    # The queue is read over AMQP (milliseconds), not with rabbitmqctl (a second or more
+    # when the machine is busy), well inside the message's TTL.
+    timeoutS = 5.0
     started = time.monotonic()
     requestId = client.request("faultStream", {"token": "queued", "count": 1, "delayMs": 0},
                                "queued", timeoutMs=int(timeoutS * 1000))
-    waitUntil(lambda: stack.broker.queues()[queue]["messages"] == 1,
-              "the request to wait in its queue", timeout=timeoutS)
+    waitUntil(lambda: queueMessageCount(stack.broker.url, queue) == 1,
+              "the request to wait in its queue", timeout=timeoutS - 1)
     outcome = client.collect(requestId)
     elapsed = time.monotonic() - started
     assert outcome.code == "timeout" and not outcome.chunks, outcome
