@@ -121,6 +121,18 @@ class Broker:
         self.requireCtl()
         return listQueues(vhost or self.vhost)
 
+    def messageCount(self, queue: str) -> int:
+        """Messages ready in a queue, asked over AMQP (a passive declare): milliseconds, where
+        a `rabbitmqctl` call takes a second or more on a busy machine."""
+        import pika
+
+        connection = pika.BlockingConnection(pika.URLParameters(self.url))
+        try:
+            return int(connection.channel().queue_declare(queue, passive=True).method
+                       .message_count)
+        finally:
+            connection.close()
+
 
 def _requireLocalRabbitMQ() -> None:
     if shutil.which("rabbitmqctl") is None:

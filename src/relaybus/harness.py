@@ -9,6 +9,8 @@ drive the local broker through `rabbitmqctl` (RabbitMQ on 127.0.0.1:5672, user g
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import re
@@ -22,8 +24,12 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from websockets.asyncio.client import ClientConnection
 
 # Processes
 
@@ -304,19 +310,6 @@ def closeConnections(vhost: str, reason: str) -> None:
     rabbitmqctl("close_all_connections", "--vhost", vhost, reason)
 
 
-def queueMessageCount(url: str, queue: str) -> int:
-    """Messages ready in a queue, asked over AMQP (a passive declare): milliseconds, where a
-    `rabbitmqctl` call takes a second or more on a busy machine."""
-    import pika
-
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        method = connection.channel().queue_declare(queue, passive=True).method
-        return int(method.message_count)
-    finally:
-        connection.close()
-
-
 def discardVhost(vhost: str) -> list[str]:
     """Delete a command-line tool's throwaway vhost, saying so on stdout; returns what it left
     behind (queues with messages)."""
@@ -331,3 +324,58 @@ def discardVhost(vhost: str) -> list[str]:
     except Exception as e:
         print(f"Could not delete vhost {vhost}: {e}")
     return findings
+
+
+# Command-line runs (the benchmarks)
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interruptOnSigterm() -> None:
+    """SIGTERM outside an event loop (while starting or stopping the processes) acts like
+    Ctrl-C, so the cleanup runs. Call it again after asyncio.run(), which resets SIGTERM to its
+    default on closing its loop (die without cleaning up)."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+class CommandRun:
+    """The exit status of a command-line tool's run (0 unless someone says otherwise)."""
+
+    status = 0
+
+
+@contextlib.contextmanager
+def commandRun(what: str, cleanUp: Callable[[], None]) -> Iterator[CommandRun]:
+    """The frame of a command-line tool's run: Ctrl-C or SIGTERM make the status 130, a failure
+    is printed and makes it 2; then, with both signals ignored, `cleanUp` runs (stop the
+    processes, delete the vhost) whatever happened."""
+    run = CommandRun()
+    try:
+        yield run
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("\nInterrupted: cleaning up.", flush=True)
+        run.status = 130
+    except Exception as e:
+        print(f"\n{what} failed: {type(e).__name__}: {e}", flush=True)
+        run.status = 2
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        cleanUp()
+
+
+async def openGatewaySocket(url: str) -> tuple[ClientConnection, dict[str, Any]]:
+    """A `websockets` asyncio connection to a gateway (not relaybus's own client), and the
+    gateway's hello frame."""
+    from websockets.asyncio.client import connect
+
+    # compression=None: Autobahn's server declines permessage-deflate anyway; say so here.
+    ws = await connect(url, compression=None, max_size=16 * 1024 * 1024, open_timeout=10,
+                       proxy=None)
+    hello = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    if hello.get("type") != "hello":
+        await ws.close()
+        raise RuntimeError(f"the gateway's first frame is not hello: {str(hello)[:160]}")
+    return ws, hello

@@ -23,7 +23,6 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relaybus.harness import queueMessageCount
 from relaybus.interfaces import IRequestHandler, IRequestStream
 from relaybus.worker import HandlerRequest
 
@@ -154,7 +153,7 @@ def test_request_queued_without_a_consumer_times_out_and_is_never_run(
     started = time.monotonic()
     requestId = client.request("faultStream", {"token": "queued", "count": 1, "delayMs": 0},
                                "queued", timeoutMs=int(timeoutS * 1000))
-    waitUntil(lambda: queueMessageCount(stack.broker.url, queue) == 1,
+    waitUntil(lambda: stack.broker.messageCount(queue) == 1,
               "the request to wait in its queue", timeout=timeoutS - 1)
     outcome = client.collect(requestId)
     elapsed = time.monotonic() - started
