@@ -22,14 +22,11 @@ import functools
 import json
 import math
 import os
-import re
 import resource
 import secrets
 import signal
-import subprocess
 import sys
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -38,13 +35,23 @@ import pika
 import pika.spec
 from pika.adapters.asyncio_connection import AsyncioConnection
 from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.client import connect as wsConnect
 from websockets.exceptions import ConnectionClosed
 
 from relaybus.amqp import codec
 from relaybus.amqp.topology import REPLY_QUEUE_EXPIRES_MS, Topology
+from relaybus.harness import (
+    GatewayProcess,
+    WorkerProcess,
+    brokerPid,
+    commandRun,
+    createVhost,
+    discardVhost,
+    interruptOnSigterm,
+    newVhostName,
+    openGatewaySocket,
+    stopAndScan,
+)
 from relaybus.messages import ReplyKind, RequestMessage
-from relaybus.testing import GatewayProcess, ServiceProcess, WorkerProcess
 
 DEFAULT_PREFIX = "bench."
 REQUEST_TIMEOUT_MS = 30_000  # sent as timeoutMs / AMQP expiration; far above any latency here
@@ -113,14 +120,7 @@ class GatewayConnection:
 
     @classmethod
     async def open(cls, url: str) -> GatewayConnection:
-        # compression=None: Autobahn's server declines permessage-deflate anyway; say so here.
-        ws = await wsConnect(url, compression=None, max_size=16 * 1024 * 1024, open_timeout=10,
-                             proxy=None)
-        hello = json.loads(await asyncio.wait_for(ws.recv(), 10))
-        if hello.get("type") != "hello":
-            await ws.close()
-            raise RuntimeError(f"the gateway's first frame is not hello: {_short(hello)}")
-        return cls(ws, hello)
+        return cls(*await openGatewaySocket(url))
 
     async def _read(self) -> None:
         try:
@@ -683,77 +683,6 @@ def printErrors(results: list[Result]) -> None:
             print(f"    ... and {len(r.errors) - 5} other kinds")
 
 
-# Processes and the vhost
-
-
-def rabbitmqctl(*args: str, check: bool = True) -> str:
-    done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
-    if check and done.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed ({done.returncode}): "
-                           f"{done.stderr.strip() or done.stdout.strip()}")
-    return done.stdout
-
-
-def brokerPid() -> int | None:
-    try:
-        match = re.search(r"\d+", rabbitmqctl("eval", "os:getpid()."))
-    except (OSError, RuntimeError, subprocess.TimeoutExpired):
-        return None
-    return int(match.group()) if match else None
-
-
-def createVhost(namePrefix: str) -> tuple[str, str]:
-    """A throwaway vhost `<namePrefix>-<hex>` the guest user may use; (its name, its URL)."""
-    vhost = f"{namePrefix}-{secrets.token_hex(4)}"
-    print(f"Creating RabbitMQ vhost {vhost} ...", flush=True)
-    rabbitmqctl("add_vhost", vhost)
-    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    return vhost, f"amqp://guest:guest@127.0.0.1:5672/{urllib.parse.quote(vhost, safe='')}"
-
-
-def deleteVhost(vhost: str) -> list[str]:
-    """Delete the vhost; returns the anomalies found first (queues with messages left)."""
-    findings = []
-    try:
-        leftovers = [line for line in rabbitmqctl(
-            "list_queues", "-p", vhost, "-q", "--no-table-headers", "name", "messages",
-            check=False).splitlines() if line.strip()]
-        busy = [q for q in leftovers if q.split()[1:2] != ["0"]]
-        if busy:
-            findings.append(f"queues with messages left at the end: {busy}")
-        rabbitmqctl("delete_vhost", vhost)
-        print(f"Deleted vhost {vhost}.")
-    except Exception as e:
-        print(f"Could not delete vhost {vhost}: {e}")
-    return findings
-
-
-def stopProcess(process: ServiceProcess) -> list[str]:
-    """SIGTERM it and wait; returns what its log says (during the run and while stopping) and
-    an exit status other than a clean shutdown's."""
-    runLog = process.log
-    findings = [f"{process.name} log: {line}" for line in logFindings(process, runLog)]
-    try:
-        code = process.stop(timeout=30)
-        # twistd ends itself with the signal it got once it has shut down cleanly
-        if code not in (0, -signal.SIGTERM):
-            findings.append(f"{process.name} exited with status {code}")
-    except Exception as e:
-        findings.append(f"{process.name}: {e}")
-    findings += [f"{process.name} log (while stopping): {line}"
-                 for line in logFindings(process, process.log[len(runLog):])]
-    return findings
-
-
-def logFindings(process: ServiceProcess, text: str) -> list[str]:
-    """Warnings, errors and tracebacks in (part of) a twistd log."""
-    found = []
-    for line in text.splitlines():
-        if re.search(r"#(warn|error|critical)\]|Traceback|Unhandled", line):
-            found.append(line.strip())
-    return found
-
-
 def parseArguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="relaybus end-to-end benchmark: gateway path vs the AMQP-only ceiling.")
@@ -814,27 +743,31 @@ def makeCases(args: argparse.Namespace) -> list[Case]:
     return sorted(cases, key=lambda c: (c.name != "echo", c.concurrency))
 
 
-def _interrupt(signum: int, _frame: Any) -> None:
-    """SIGTERM outside the event loop (starting or stopping the processes): like Ctrl-C."""
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parseArguments(argv)
     cases = makeCases(args)
-    signal.signal(signal.SIGTERM, _interrupt)
+    interruptOnSigterm()
     topology = Topology(args.amqp_prefix)
     vhost: str | None = None
     gateway: GatewayProcess | None = None
     worker: WorkerProcess | None = None
     results: list[Result] = []
     findings: list[str] = []
-    status = 0
     started = time.monotonic()
-    try:
+
+    def cleanUp() -> None:
+        for process in (gateway, worker):  # the gateway first: it must not see workers vanish
+            if process is not None:
+                findings.extend(stopAndScan(process))
+        if vhost is not None:
+            findings.extend(discardVhost(vhost))
+
+    with commandRun("The benchmark", cleanUp) as run:
         brokerURL = args.broker
         if brokerURL is None and args.gateway_url is None:
-            vhost, brokerURL = createVhost("relaybus-bench")
+            vhost = newVhostName("relaybus-bench")
+            print(f"Creating RabbitMQ vhost {vhost} ...", flush=True)
+            brokerURL = createVhost(vhost)
         common = ["--broker", brokerURL or "", "--amqp-prefix", args.amqp_prefix]
         if brokerURL and not args.no_worker:
             worker = WorkerProcess([*common, "--handlers", "workers.examples",
@@ -865,13 +798,13 @@ def main(argv: list[str] | None = None) -> int:
                                          None if args.no_amqp else brokerURL, topology,
                                          args.connections, args.warmup, args.rounds, pids))
         finally:  # closing the loop reset SIGTERM to its default (die without cleaning up)
-            signal.signal(signal.SIGTERM, _interrupt)
+            interruptOnSigterm()
         print(f"Load average after: {os.getloadavg()[0]:.2f}\n")
         printTable(results, args.connections)
         printOutliers(results)
         printErrors(results)
         if any(r.errors for r in results):
-            status = 1
+            run.status = 1
         if args.json:
             with open(args.json, "w") as f:
                 json.dump([{"case": r.case.name, "path": r.path,
@@ -883,20 +816,6 @@ def main(argv: list[str] | None = None) -> int:
                             "over20Ms": sum(1 for x in r.latencies if x > 0.020),
                             "errors": dict(r.errors),
                             "cpuS": r.cpu} for r in results], f, indent=2)
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("\nInterrupted: cleaning up.", flush=True)
-        status = 130
-    except Exception as e:
-        print(f"\nThe benchmark failed: {type(e).__name__}: {e}", flush=True)
-        status = 2
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for process in (gateway, worker):  # the gateway first: it must not see workers vanish
-            if process is not None:
-                findings += stopProcess(process)
-        if vhost is not None:
-            findings += deleteVhost(vhost)
     if findings:
         print("\nAnomalies in the processes' logs and state:")
         for line in findings[:40]:
@@ -907,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
         if process is not None:
             print(f"{process.name} log: {process.logPath}")
     print(f"Total time {time.monotonic() - started:.0f} s.")
-    return status
+    return run.status
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ injected, checking that every request ends with exactly one terminal frame.
     .venv/bin/python benchmarks/soak.py --quick    # 5,000 requests, faults more often
 
 It creates a throwaway RabbitMQ vhost (rabbitmqctl), starts two `twistd relaybus-worker`
-processes and one `twistd relaybus` gateway (relaybus.testing), and drives the gateway with the
+processes and one `twistd relaybus` gateway (relaybus.harness), and drives the gateway with the
 `websockets` asyncio client over several connections, many requests in flight on each. Faults
 at intervals: every connection in the vhost closed by the broker, a worker SIGKILLed (and a
 replacement started), a client connection dropped mid-stream. It prints what it sent, what came
@@ -31,16 +31,28 @@ import signal
 import sys
 import time
 import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.client import connect as wsConnect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from e2e import createVhost, deleteVhost, logFindings, stopProcess
-from relaybus.testing import GatewayProcess, ServiceProcess, WorkerProcess
+from relaybus.harness import (
+    GatewayProcess,
+    ServiceProcess,
+    WorkerProcess,
+    closeConnections,
+    commandRun,
+    createVhost,
+    discardVhost,
+    endedByOutcome,
+    interruptOnSigterm,
+    logFindings,
+    newVhostName,
+    openGatewaySocket,
+    requestAccounting,
+    stopAndScan,
+)
 
 KINDS = ("echo", "stream", "cancel", "timeout", "no_handler")
 DEFAULT_MIX = "echo=40,stream=35,cancel=10,timeout=5,no_handler=10"
@@ -68,7 +80,6 @@ NO_HANDLER_TYPE = "soakNoSuchHandler"
 CANCEL_PAYLOAD = {"count": 5, "delayMs": 100, "chunkBytes": 16}  # cancelled after chunk 0
 TIMEOUT_PAYLOAD = {"count": 1, "delayMs": 1000, "chunkBytes": 16}
 EXAMPLES_KEPT = 10  # details kept per kind of anomaly
-ENDED_METRIC = "relaybus_requests_ended_total"
 ALARM_LINE = re.compile(r"(\S+) \[relaybus\.amqp#warn\] .*: the broker (blocks|unblocked) "
                         r"this connection")
 FAULT_WINDOW_S = 10.0  # an outcome this soon after a fault (or during an alarm) is explained
@@ -231,12 +242,7 @@ class SoakConnection:
 
     @classmethod
     async def open(cls, url: str, tally: Tally) -> SoakConnection:
-        ws = await wsConnect(url, compression=None, max_size=16 * 1024 * 1024, open_timeout=10,
-                             proxy=None)
-        hello = json.loads(await asyncio.wait_for(ws.recv(), 10))
-        if hello.get("type") != "hello":
-            await ws.close()
-            raise SoakFailed(f"the gateway's first frame is not hello: {_short(hello)}")
+        ws, hello = await openGatewaySocket(url)
         return cls(ws, hello, tally)
 
     @property
@@ -546,13 +552,8 @@ class Soak:
 
     async def dropBrokerConnections(self) -> None:
         self.tally.faults.append((self.tally.now(), "broker drop"))
-        process = await asyncio.create_subprocess_exec(
-            "rabbitmqctl", "-q", "close_all_connections", "--vhost", self.stack.vhost,
-            "relaybus soak: fault injection", stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT)
-        out, _ = await asyncio.wait_for(process.communicate(), 60)
-        if process.returncode != 0:
-            raise RuntimeError(f"rabbitmqctl close_all_connections failed: {out.decode()}")
+        await asyncio.to_thread(closeConnections, self.stack.vhost,
+                                "relaybus soak: fault injection")
 
     async def killWorker(self) -> None:
         self.tally.faults.append((self.tally.now(), "worker kill"))
@@ -602,7 +603,9 @@ class Stack:
         self._workerNames = itertools.count(1)
 
     def start(self) -> None:
-        self.vhost, self.brokerURL = createVhost("relaybus-soak")
+        self.vhost = newVhostName("relaybus-soak")
+        print(f"Creating RabbitMQ vhost {self.vhost} ...", flush=True)
+        self.brokerURL = createVhost(self.vhost)
         for _ in range(self.args.workers):
             self.workers.append(self._startWorker())
         for worker in self.workers:
@@ -678,17 +681,9 @@ class Stack:
         if self.gateway is None:
             return None
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.gateway.port}/metrics",
-                                        timeout=5) as response:
-                text = response.read().decode()
+            return self.gateway.metrics()
         except urllib.error.HTTPError:
             return None
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
 
     def settledMetrics(self, timeout: float = 10.0) -> dict[str, float] | None:
         """/metrics once the gateway has no connections and no requests left (or at the
@@ -706,15 +701,14 @@ class Stack:
         """Stop everything (the gateway first), delete the vhost; the anomalies found."""
         findings: list[str] = []
         for process in [p for p in (self.gateway, *self.workers) if p is not None]:
-            findings += stopProcess(process)
+            findings += stopAndScan(process)
         for process in self.killed:  # SIGKILLed: only their logs until then
-            findings += [f"{process.name} log: {line}"
-                         for line in logFindings(process, process.log)]
+            findings += [f"{process.name} log: {line}" for line in logFindings(process.log)]
         for each in self.processes:
             findings += [f"{each.name} log: a traceback ends with: {line}"
                          for line in tracebackEnds(each.log)]
         if self.vhost:
-            findings += deleteVhost(self.vhost)
+            findings += discardVhost(self.vhost)
         return findings
 
     @property
@@ -735,13 +729,9 @@ class GatewayFigures:
         end = self.metricsEnd
         if end is None:
             return ""
-        held = [f"{end.get(name, 0):.0f} {what}" for name, what in (
-            ("relaybus_requests_in_flight", "requests still in flight"),
-            ("relaybus_connections", "connections still open")) if end.get(name, 0)]
-        accepted = end.get("relaybus_requests_accepted_total", 0)
-        ended = sum(v for k, v in end.items() if k.startswith(ENDED_METRIC + "{"))
-        if accepted != ended + end.get("relaybus_requests_in_flight", 0):
-            held.append(f"{accepted:.0f} accepted != {ended:.0f} ended + in flight")
+        held = [requestAccounting(end)] if requestAccounting(end) else []
+        if end.get("relaybus_connections", 0):
+            held.append(f"{end['relaybus_connections']:.0f} connections still open")
         return ", ".join(held)
 
 
@@ -848,8 +838,7 @@ def printGatewayMetrics(figures: GatewayFigures) -> None:
     if start is None or end is None:
         print("Gateway /metrics: not served by this gateway")
         return
-    ended = {key[len(ENDED_METRIC) + 1:-1].split("=")[1].strip('"'): int(value)
-             for key, value in end.items() if key.startswith(ENDED_METRIC + "{")}
+    ended = {outcome: int(value) for outcome, value in endedByOutcome(end).items()}
     print(f"Gateway /metrics after the soak's connections closed: "
           f"{end.get('relaybus_requests_in_flight', math.nan):.0f} requests in flight, "
           f"{end.get('relaybus_connections', math.nan):.0f} connections, "
@@ -927,49 +916,53 @@ def summarizeFindings(findings: list[str]) -> list[str]:
 # Running it
 
 
+# The options, in --help's order: (flag, type, default, help); type None: a flag
+# (store_true); default None: it depends on --quick (see parseArguments).
+OPTIONS: list[tuple[str, type | None, Any, str]] = [
+    ("--requests", int, None, "requests to send (default 100000; 5000 with --quick)"),
+    ("--quick", None, False, "a smoke run of about 15 s: 5,000 requests, 20 in flight, a "
+                             "fault every second or so"),
+    ("--mix", str, DEFAULT_MIX,
+     f"relative weights of the request kinds (default {DEFAULT_MIX})"),
+    ("--connections", int, None, "WebSocket connections (default 4; 2 with --quick)"),
+    ("--in-flight", int, None,
+     "requests in flight per connection (default 50; 10 with --quick)"),
+    ("--timeout-ms", int, 10_000,
+     "timeoutMs of every request but the `timeout` kind's (100 ms); default 10000"),
+    ("--grace", float, 5.0,
+     "seconds past a request's timeoutMs before it counts as lost (default 5)"),
+    ("--broker-drop-every", float, None,
+     "seconds between `rabbitmqctl close_all_connections` on the soak's vhost (default 10; "
+     "2 with --quick; 0: never)"),
+    ("--worker-kill-every", float, None,
+     "seconds between SIGKILLs of a worker, each replaced at once (default 15; 3 with "
+     "--quick; 0: never)"),
+    ("--client-drop-every", float, None,
+     "seconds between dropping a client connection mid-stream (default 5; 1 with --quick; "
+     "0: never)"),
+    ("--no-faults", None, False, "inject no faults at all"),
+    ("--workers", int, 2, "worker processes (default 2)"),
+    ("--worker-concurrency", int, 100, "each worker's --concurrency (default 100)"),
+    ("--unavailable-backoff-ms", int, 100,
+     "a caller that got `unavailable` waits this long before its next request, as a client "
+     "should (default 100)"),
+    ("--settle", float, 2.0,
+     "seconds to watch for late frames after the last request ended (default 2)"),
+    ("--progress-every", float, 15.0,
+     "seconds between progress lines (default 15; 0: none)"),
+    ("--seed", int, 1, "random seed (default 1)"),
+]
+
+
 def parseArguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="relaybus soak: mixed requests under injected faults, checking that every "
                     "request gets exactly one terminal frame.")
-    parser.add_argument("--requests", type=int, default=None,
-                        help="requests to send (default 100000; 5000 with --quick)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run of about 15 s: 5,000 requests, 20 in flight, a "
-                             "fault every second or so")
-    parser.add_argument("--mix", default=DEFAULT_MIX,
-                        help=f"relative weights of the request kinds (default {DEFAULT_MIX})")
-    parser.add_argument("--connections", type=int, default=None,
-                        help="WebSocket connections (default 4; 2 with --quick)")
-    parser.add_argument("--in-flight", type=int, default=None,
-                        help="requests in flight per connection (default 50; 10 with --quick)")
-    parser.add_argument("--timeout-ms", type=int, default=10_000,
-                        help="timeoutMs of every request but the `timeout` kind's (100 ms); "
-                             "default 10000")
-    parser.add_argument("--grace", type=float, default=5.0,
-                        help="seconds past a request's timeoutMs before it counts as lost "
-                             "(default 5)")
-    parser.add_argument("--broker-drop-every", type=float, default=None,
-                        help="seconds between `rabbitmqctl close_all_connections` on the "
-                             "soak's vhost (default 10; 2 with --quick; 0: never)")
-    parser.add_argument("--worker-kill-every", type=float, default=None,
-                        help="seconds between SIGKILLs of a worker, each replaced at once "
-                             "(default 15; 3 with --quick; 0: never)")
-    parser.add_argument("--client-drop-every", type=float, default=None,
-                        help="seconds between dropping a client connection mid-stream "
-                             "(default 5; 1 with --quick; 0: never)")
-    parser.add_argument("--no-faults", action="store_true", help="inject no faults at all")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
-    parser.add_argument("--worker-concurrency", type=int, default=100,
-                        help="each worker's --concurrency (default 100)")
-    parser.add_argument("--unavailable-backoff-ms", type=int, default=100,
-                        help="a caller that got `unavailable` waits this long before its next "
-                             "request, as a client should (default 100)")
-    parser.add_argument("--settle", type=float, default=2.0,
-                        help="seconds to watch for late frames after the last request ended "
-                             "(default 2)")
-    parser.add_argument("--progress-every", type=float, default=15.0,
-                        help="seconds between progress lines (default 15; 0: none)")
-    parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    for flag, kind, default, text in OPTIONS:
+        if kind is None:
+            parser.add_argument(flag, action="store_true", help=text)
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=text)
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = {"requests": (100_000, 5_000), "connections": (4, 2), "in_flight": (50, 10),
@@ -1009,43 +1002,31 @@ async def runSoak(soak: Soak) -> GatewayFigures:
     return figures
 
 
-def _interrupt(signum: int, _frame: Any) -> None:
-    """SIGTERM outside the event loop (starting or stopping the processes): like Ctrl-C."""
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parseArguments(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    interruptOnSigterm()
     stack = Stack(args)
-    status = 0
     started = time.monotonic()
     findings: list[str] = []
+
+    def cleanUp() -> None:
+        findings.extend(stack.stop())
+
     print(f"relaybus soak: {args.requests:,} requests ({args.mix}) over {args.connections} "
           f"connections x {args.in_flight} in flight, {args.workers} workers; seed "
           f"{args.seed}", flush=True)
-    try:
+    with commandRun("The soak", cleanUp) as run:
         stack.start()
         soak = Soak(args, stack.gateway.url if stack.gateway else "", stack)
         print("Running:", flush=True)
         try:
             figures = asyncio.run(runSoak(soak))
         finally:  # closing the loop reset SIGTERM to its default (die without cleaning up)
-            signal.signal(signal.SIGTERM, _interrupt)
+            interruptOnSigterm()
         printReport(soak, figures)
         tally = soak.tally
         if tally.lost or tally.duplicates or tally.violations or figures.leaked:
-            status = 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("\nInterrupted: cleaning up.", flush=True)
-        status = 130
-    except Exception as e:
-        print(f"\nThe soak failed: {type(e).__name__}: {e}", flush=True)
-        status = 2
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        findings = stack.stop()
+            run.status = 1
     if findings:
         tracebacks = sum(1 for line in findings if "Traceback (most recent" in line)
         print(f"\nWarnings and errors in the processes' logs (and their exit), counted "
@@ -1058,8 +1039,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nLogs:")
     for process in stack.processes:
         print(f"  {process.name}: {process.logPath}")
-    print(f"Total time {time.monotonic() - started:.0f} s; exit status {status}.")
-    return status
+    print(f"Total time {time.monotonic() - started:.0f} s; exit status {run.status}.")
+    return run.status
 
 
 if __name__ == "__main__":

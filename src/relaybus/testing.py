@@ -1,4 +1,4 @@
-"""Test support: an in-memory fake for every relaybus interface, and real twistd processes.
+"""Test support: an in-memory fake for every relaybus interface (real processes: relaybus.harness).
 
 The fakes record what they are asked to do and let a test play the other side by hand; each
 provides its interface fully (tests check that with verifyObject).
@@ -6,17 +6,7 @@ provides its interface fully (tests check that with verifyObject).
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -385,130 +375,3 @@ class FakeRequestHandler:
         d: Deferred[Any] = Deferred(lambda _: self.cancelled.append(request))
         self.calls.append((request, stream, d))
         return d
-
-
-# Real processes, started the way a user starts them
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def twistdCommand() -> list[str]:
-    """The `twistd` next to this interpreter (the virtualenv's), as a user would run it."""
-    twistd = Path(sys.executable).parent / "twistd"
-    return [str(twistd)] if twistd.exists() else [sys.executable, "-m", "twisted.scripts.twistd"]
-
-
-class ServiceProcess:
-    """One `twistd --nodaemon <plugin> ...` process with its log in a file."""
-
-    def __init__(self, plugin: str, args: list[str], env: dict[str, str] | None = None,
-                 name: str | None = None) -> None:
-        self.plugin = plugin
-        self.args = args
-        self.name = name or plugin
-        self._env = env
-        self._logDir = tempfile.mkdtemp(prefix=f"relaybus-{self.name}-")
-        self.logPath = Path(self._logDir) / "twistd.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> ServiceProcess:
-        env = dict(os.environ if self._env is None else self._env)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        with open(self.logPath, "ab") as log:
-            self.process = subprocess.Popen(
-                [*twistdCommand(), "--nodaemon", "--pidfile=", self.plugin, *self.args],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self._logDir,
-                start_new_session=True)
-        return self
-
-    @property
-    def log(self) -> str:
-        return self.logPath.read_text(errors="replace") if self.logPath.exists() else ""
-
-    def waitForLog(self, pattern: str, timeout: float = 20.0, count: int = 1) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if len(re.findall(pattern, self.log)) >= count:
-                return
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited ({self.process.returncode}):\n{self.log}")
-            time.sleep(0.05)
-        raise TimeoutError(f"{self.name}: no {pattern!r} in the log after {timeout}s:\n"
-                           f"{self.log[-4000:]}")
-
-    def signal(self, signum: int) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signum)
-
-    def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM, then wait; SIGKILL if it will not go. Returns the exit code."""
-        if self.process is None:
-            return 0
-        self.signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
-            raise RuntimeError(
-                f"{self.name} ignored SIGTERM for {timeout}s:\n{self.log[-4000:]}") from None
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(5)
-
-
-class GatewayProcess(ServiceProcess):
-    def __init__(self, args: list[str], port: int | None = None, **kwargs: Any) -> None:
-        self.port = port or freePort()
-        super().__init__("relaybus", ["--listen", f"tcp:{self.port}:interface=127.0.0.1",
-                                      *args], **kwargs)
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    def httpStatus(self, path: str) -> int:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
-                return int(r.status)
-        except urllib.error.HTTPError as e:
-            return int(e.code)
-
-    def metrics(self) -> dict[str, float]:
-        """/metrics as {"name{labels}": value}, e.g. m["relaybus_requests_in_flight"]."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
-            text = r.read().decode("utf-8")
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
-
-    def waitUntilReady(self, timeout: float = 20.0) -> GatewayProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited ({self.process.returncode}):\n{self.log}")
-            try:
-                if self.httpStatus("/readyz") == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.log[-4000:]}")
-
-
-class WorkerProcess(ServiceProcess):
-    def __init__(self, args: list[str], **kwargs: Any) -> None:
-        super().__init__("relaybus-worker", args, **kwargs)
-
-    def waitUntilReady(self, timeout: float = 20.0, count: int = 1) -> WorkerProcess:
-        self.waitForLog(r"connected and set up", timeout, count)
-        return self

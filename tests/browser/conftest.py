@@ -1,11 +1,10 @@
 """Browser test support: Debian's headless Chromium, driven by Playwright's sync API, against
 the integration tests' real processes (a gateway, RabbitMQ and a `relaybus-worker`).
 
-The process harness is tests/integration/conftest.py itself, loaded under a module name of its
-own and re-exported here: the same fixtures (`broker`, `processes`, `makeStack`, `waitUntil`),
-the same log checks (a process that logs a traceback fails the test) and the same failure
-reports. `stack` here is the RabbitMQ one only: the page talks to a gateway whose handlers run
-in a separate worker process.
+The process fixtures are tests/processfixtures.py's (a plugin of tests/conftest.py): the same
+`broker`, `processes`, `makeStack` and `waitUntil`, the same log checks (a process that logs a
+traceback fails the test) and the same failure reports. `stack` here is the RabbitMQ one only:
+the page talks to a gateway whose handlers run in a separate worker process.
 
 Playwright never downloads a browser: it launches /usr/bin/chromium (`./dev test` installs it).
 Its sync API is used as is. pytest-twisted calls every test function from inside its reactor
@@ -19,52 +18,25 @@ reactor.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from collections.abc import Iterator
-from pathlib import Path
-from types import ModuleType
-from typing import Any
 
 import pytest
 from browsersupport import PAGE_TIMEOUT_MS, BrowserTab
 from playwright.sync_api import Browser, Playwright, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
 
+from processfixtures import Stack, moduleStack
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 LAUNCH_TIMEOUT_MS = 60_000
 
 
-def _loadIntegrationSupport() -> ModuleType:
-    """tests/integration/conftest.py as a module of its own (tests/ is no importable package)."""
-    path = Path(__file__).resolve().parents[1] / "integration" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("relaybus_integration_support", path)
-    assert spec is not None and spec.loader is not None, path
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-integration = _loadIntegrationSupport()
-
-# The integration harness's fixtures and hooks, for the tests in this folder.
-pytest_configure = integration.pytest_configure
-pytest_runtest_setup = integration.pytest_runtest_setup
-pytest_runtest_call = integration.pytest_runtest_call
-pytest_runtest_makereport = integration.pytest_runtest_makereport
-broker = integration.broker
-processes = integration.processes
-makeStack = integration.makeStack
-waitUntilFixture = integration.waitUntilFixture
-
-
 @pytest.fixture(scope="module", params=[pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
-def stack(request: pytest.FixtureRequest) -> Iterator[Any]:
+def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     """A gateway and a worker on RabbitMQ, shared by the module's tests that leave them be."""
-    yield from integration._moduleStack(request, ())
+    yield from moduleStack(request, ())
 
 
 # The browser

@@ -8,7 +8,7 @@ import signal
 import pytest
 from browsersupport import pretty
 
-from relaybus.testing import GatewayProcess
+from relaybus.harness import GatewayProcess
 
 pytestmark = [pytest.mark.processes, pytest.mark.rabbitmq]
 

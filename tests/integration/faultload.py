@@ -17,7 +17,7 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
-from conftest import Client, newRequestId
+from processfixtures import Client, newRequestId
 
 TERMINAL_TYPES = ("response", "error")
 DRAIN_TIMEOUT_S = 30.0  # how long a stopped LoadClient waits for its last requests to end

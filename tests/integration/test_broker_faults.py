@@ -40,9 +40,9 @@ import pytest
 from faultload import Tally, finishAll, firstOutcomes, inFlight, loadRunning
 from zope.interface import implementer
 
-from conftest import Broker, waitUntil
+from processfixtures import Broker, waitUntil
+from relaybus.harness import freePort
 from relaybus.interfaces import IRequestHandler, IRequestStream
-from relaybus.testing import freePort
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.processes]
 
@@ -83,12 +83,9 @@ def test_gateway_recovers_when_the_broker_cancels_its_reply_consumer(makeStack, 
 
 
 @pytest.mark.log_errors_expected
-def test_worker_recovers_after_the_broker_closes_its_publishing_channel(makeStack, connect,
-                                                                        waitUntil,
-                                                                        monkeypatch):
-    here = str(Path(__file__).parent)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        filter(None, [here, os.environ.get("PYTHONPATH")])))
+def test_worker_recovers_after_the_broker_closes_its_publishing_channel(handlerPath,
+                                                                        makeStack, connect,
+                                                                        waitUntil):
     stack = makeStack("rabbitmq", workerArgs=("--handlers", Path(__file__).stem))
     client = connect(stack)
     assert client.call("echo", "before").data == "before"
@@ -159,32 +156,31 @@ class NodeFaults:
             yield
 
     @contextlib.contextmanager
-    def memoryAlarm(self) -> Iterator[None]:
+    def _alarm(self, resource: str, do: list[str], restore: list[str]) -> Iterator[None]:
+        """`do` raises the `resource` alarm; `restore` is run on the way out, then the alarm
+        has cleared."""
+        with self._changed(do, [restore]):
+            waitUntil(lambda: resource in _alarms(), f"the {resource} alarm to be raised",
+                      timeout=ALARM_WAIT_S, interval=0.2)
+            yield
+        waitUntil(lambda: resource not in _alarms(), f"the {resource} alarm to clear",
+                  timeout=ALARM_WAIT_S, interval=0.2)
+
+    def memoryAlarm(self) -> contextlib.AbstractContextManager[None]:
         """A vm_memory_high_watermark far below what the node uses; the setting it had is
-        restored on the way out, then the alarm has cleared."""
+        restored on the way out."""
         setting = _status()["vm_memory_high_watermark_setting"]
         if "relative" in setting:
             restore = ["set_vm_memory_high_watermark", str(setting["relative"])]
         else:
             restore = ["set_vm_memory_high_watermark", "absolute", str(setting["absolute"])]
-        with self._changed(["set_vm_memory_high_watermark", "0.0000001"], [restore]):
-            waitUntil(lambda: "memory" in _alarms(), "the memory alarm to be raised",
-                      timeout=ALARM_WAIT_S, interval=0.2)
-            yield
-        waitUntil(lambda: "memory" not in _alarms(), "the memory alarm to clear",
-                  timeout=ALARM_WAIT_S, interval=0.2)
+        return self._alarm("memory", ["set_vm_memory_high_watermark", "0.0000001"], restore)
 
-    @contextlib.contextmanager
-    def diskAlarm(self) -> Iterator[None]:
+    def diskAlarm(self) -> contextlib.AbstractContextManager[None]:
         """A disk_free_limit far above the free disk space; the limit it had (in bytes) is
-        restored on the way out, then the alarm has cleared."""
+        restored on the way out."""
         restore = ["set_disk_free_limit", str(int(_status()["disk_free_limit"]))]
-        with self._changed(["set_disk_free_limit", "1000000GB"], [restore]):
-            waitUntil(lambda: "disk" in _alarms(), "the disk alarm to be raised",
-                      timeout=ALARM_WAIT_S, interval=0.2)
-            yield
-        waitUntil(lambda: "disk" not in _alarms(), "the disk alarm to clear",
-                  timeout=ALARM_WAIT_S, interval=0.2)
+        return self._alarm("disk", ["set_disk_free_limit", "1000000GB"], restore)
 
 
 @pytest.fixture

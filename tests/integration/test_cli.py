@@ -48,7 +48,7 @@ def test_call_timeout_is_the_gateways_timeout(stack: Any) -> None:
 
 
 def test_call_without_a_gateway_says_disconnected(stack: Any) -> None:
-    from relaybus.testing import freePort
+    from relaybus.harness import freePort
 
     code, lines, _ = relaybusCall("echo", "--url", f"ws://127.0.0.1:{freePort()}/ws",
                                   "--timeout", "5")

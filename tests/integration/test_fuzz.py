@@ -42,7 +42,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 
-from conftest import RECV_TIMEOUT, Client, LogMark, waitUntil
+from processfixtures import RECV_TIMEOUT, Client, LogMark, waitUntil
 
 pytestmark = [pytest.mark.processes]
 

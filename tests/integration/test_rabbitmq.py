@@ -5,13 +5,11 @@ password, an idempotent handler re-run after its worker dies, and handlers in-pr
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import secrets
-from pathlib import Path
 
 import pytest
 
-from relaybus.testing import GatewayProcess
+from relaybus.harness import GatewayProcess
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.processes]
 
@@ -103,12 +101,9 @@ def test_a_wrong_password_is_not_ready_and_says_why(broker, processes):
 
 
 def test_idempotent_handler_reruns_after_its_worker_dies_without_repeating_chunks(
-        makeStack, connect, monkeypatch):
+        handlerPath, makeStack, connect):
     # The rerun starts from chunk 0 again; the gateway forwards only the chunks the client
     # has not had, so the client sees 0..count-1 exactly once, in order.
-    here = str(Path(__file__).parent)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        filter(None, [here, os.environ.get("PYTHONPATH")])))
     stack = makeStack("rabbitmq", workerArgs=("--handlers", "idempotent_handlers"))
     client = connect(stack)
     requestId = client.request("slowCount", {"count": 30, "delayMs": 50}, timeoutMs=60_000)

@@ -20,7 +20,7 @@ from cryptography.x509.oid import NameOID
 from websockets.frames import Frame, Opcode
 from websockets.sync.client import connect as wsConnect
 
-from relaybus.testing import GatewayProcess, freePort
+from relaybus.harness import GatewayProcess, freePort
 
 pytestmark = [pytest.mark.processes]
 

@@ -1,7 +1,9 @@
-"""Integration test support: a RabbitMQ vhost per run, real twistd processes that are always
-cleaned up, and a synchronous WebSocket client (the `websockets` library, not ours).
+"""The process fixtures of the integration and browser tests (a pytest plugin, loaded by
+tests/conftest.py): a RabbitMQ vhost per run, real twistd processes (relaybus.harness) that are
+always cleaned up, and a synchronous WebSocket client (the `websockets` library, not ours).
 
-Tests reach everything here through fixtures:
+Tests reach everything here through fixtures, and import its helpers by name
+(`from processfixtures import Client, waitUntil`):
 
 - `broker` / `amqpURL` (session): a fresh vhost `relaybus-test-<hex>`, deleted at the end.
 - `isolatedBroker` (function): a vhost of its own, for tests that break every connection in it.
@@ -16,7 +18,10 @@ Tests reach everything here through fixtures:
 Every process is stopped (or killed) at teardown even when the test fails; a failing test's
 report carries the logs of the processes that were running, from the test's start on. A test
 also fails when a process logs an unhandled error or a traceback while it runs (opt out with
-`@pytest.mark.log_errors_expected`).
+`@pytest.mark.log_errors_expected`), and when a gateway it used does not balance its books
+once the test's clients are gone: its /metrics must show no request in flight and every
+accepted request ended exactly once (a second terminal frame that would come only at a
+request's deadline, after every barrier of the test, still shows there).
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,16 +47,25 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as wsConnect
 
-from relaybus.testing import GatewayProcess, ServiceProcess, WorkerProcess
+from relaybus.harness import (
+    GatewayProcess,
+    ServiceProcess,
+    WorkerProcess,
+    closeConnections,
+    createVhost,
+    deleteVhost,
+    listQueues,
+    logErrors,
+    newVhostName,
+    rabbitmqctl,
+    requestAccounting,
+)
 
 RECV_TIMEOUT = 15.0  # the hang guard of every wait for a frame
 LOG_TIMEOUT = 15.0  # ... and of every wait for a log line
+SETTLE_TIMEOUT = 15.0  # ... and of the wait for a gateway's books to balance after a test
 LOG_TAIL_CHARS = 20_000
 EXAMPLE_REQUEST_TYPES = ("testRequest", "echo", "primes")
-
-# What must never appear in a relaybus process's log.
-LOG_ERROR_PATTERNS = re.compile(
-    r"Unhandled [Ee]rror|Traceback \(most recent call last\)|AlreadyCalledError")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -74,15 +90,6 @@ def waitUntil(condition: Callable[[], Any], what: str, timeout: float = LOG_TIME
         time.sleep(interval)
 
 
-def portRefuses(port: int) -> bool:
-    """True once nothing listens on the port (a stopped gateway)."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return False
-    except OSError:
-        return True
-
-
 # RabbitMQ
 
 
@@ -95,17 +102,7 @@ class Broker:
         self.managed = managed  # we created the vhost (and rabbitmqctl can reach the broker)
         self.prefixes: list[str] = []
 
-    @staticmethod
-    def ctl(*args: str, timeout: float = 60) -> str:
-        try:
-            done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True,
-                                  timeout=timeout, check=False)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"rabbitmqctl {' '.join(args)} took over {timeout}s") from None
-        if done.returncode != 0:
-            raise AssertionError(f"rabbitmqctl {' '.join(args)} failed ({done.returncode}):\n"
-                                 f"{done.stdout}{done.stderr}")
-        return done.stdout
+    ctl = staticmethod(rabbitmqctl)
 
     def newPrefix(self) -> str:
         prefix = f"t{secrets.token_hex(4)}."
@@ -118,17 +115,23 @@ class Broker:
 
     def closeAllConnections(self, reason: str = "test") -> None:
         self.requireCtl()
-        self.ctl("close_all_connections", "--vhost", self.vhost, reason)
+        closeConnections(self.vhost, reason)
 
     def queues(self, vhost: str | None = None) -> dict[str, dict[str, Any]]:
         self.requireCtl()
-        out = self.ctl("list_queues", "-p", vhost or self.vhost, "name", "messages",
-                       "consumers", "--formatter", "json")
-        return {q["name"]: q for q in json.loads(out or "[]")}
+        return listQueues(vhost or self.vhost)
 
+    def messageCount(self, queue: str) -> int:
+        """Messages ready in a queue, asked over AMQP (a passive declare): milliseconds, where
+        a `rabbitmqctl` call takes a second or more on a busy machine."""
+        import pika
 
-def _amqpURL(vhost: str) -> str:
-    return f"amqp://guest:guest@127.0.0.1:5672/{urllib.parse.quote(vhost, safe='')}"
+        connection = pika.BlockingConnection(pika.URLParameters(self.url))
+        try:
+            return int(connection.channel().queue_declare(queue, passive=True).method
+                       .message_count)
+        finally:
+            connection.close()
 
 
 def _requireLocalRabbitMQ() -> None:
@@ -154,14 +157,8 @@ def _requireLocalRabbitMQ() -> None:
 
 def _createVhost() -> Broker:
     _requireLocalRabbitMQ()
-    vhost = f"relaybus-test-{secrets.token_hex(6)}"
-    Broker.ctl("add_vhost", vhost)
-    Broker.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    return Broker(_amqpURL(vhost), vhost, managed=True)
-
-
-def _deleteVhost(broker: Broker) -> None:
-    Broker.ctl("delete_vhost", broker.vhost)
+    vhost = newVhostName("relaybus-test")
+    return Broker(createVhost(vhost), vhost, managed=True)
 
 
 def _deletePrefixedTopology(broker: Broker) -> None:
@@ -194,7 +191,7 @@ def broker() -> Iterator[Broker]:
     try:
         yield theBroker
     finally:
-        _deleteVhost(theBroker)
+        deleteVhost(theBroker.vhost)
         # Nothing of ours may end up in the default vhost.
         leftovers = [name for name in theBroker.queues("/")
                      if any(name.startswith(p) for p in theBroker.prefixes)]
@@ -214,7 +211,7 @@ def isolatedBroker(broker: Broker) -> Iterator[Broker]:
     try:
         yield own
     finally:
-        _deleteVhost(own)
+        deleteVhost(own.vhost)
 
 
 # Processes
@@ -237,12 +234,6 @@ _CHECKED: dict[int, tuple[int, int]] = {}
 
 def _liveProcesses() -> list[ServiceProcess]:
     return [p for pool in _LIVE_POOLS for p in pool.processes]
-
-
-def _logErrors(text: str) -> list[str]:
-    lines = text.splitlines()
-    return ["\n".join(lines[max(0, i - 3):i + 12]) for i, line in enumerate(lines)
-            if LOG_ERROR_PATTERNS.search(line)]
 
 
 class ProcessPool:
@@ -283,7 +274,7 @@ class ProcessPool:
                 else:  # all of it but what a test's call phase checked already
                     start, end = _CHECKED.get(id(process), (0, 0))
                     text = process.log[:start] + process.log[end:]
-                problems += [f"{process.name} logged an error:\n{e}" for e in _logErrors(text)]
+                problems += [f"{process.name} logged an error:\n{e}" for e in logErrors(text)]
         for process in self.processes:
             _CHECKED.pop(id(process), None)
         _LIVE_POOLS.remove(self)
@@ -292,8 +283,35 @@ class ProcessPool:
         return problems
 
 
+def unbalancedBooks(gateways: Iterable[ServiceProcess],
+                    timeout: float = SETTLE_TIMEOUT) -> list[str]:
+    """The running gateways whose /metrics do not show every accepted request ended exactly
+    once with none in flight, within `timeout` (for the work of a test to settle). A gateway
+    that no longer serves /metrics (it stopped, or is draining) is passed over."""
+    problems = []
+    for gateway in gateways:
+        if not isinstance(gateway, GatewayProcess) or not gateway.running:
+            continue
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                samples = gateway.metrics()
+            except (OSError, urllib.error.HTTPError):
+                break
+            problem = requestAccounting(samples)
+            if not problem:
+                break
+            if time.monotonic() >= deadline:
+                problems.append(f"{gateway.name}: {problem} {timeout:.0f} s after the test "
+                                f"(a request ended twice, or never)")
+                break
+            time.sleep(0.1)
+    return problems
+
+
 def _finish(pool: ProcessPool, checkLogsFrom: LogMark | None) -> None:
-    problems = pool.shutdown(checkLogsFrom)
+    problems = unbalancedBooks(pool.processes)
+    problems += pool.shutdown(checkLogsFrom)
     if problems:
         pytest.fail("\n\n".join(problems), pytrace=False)
 
@@ -426,7 +444,7 @@ def makeStack(request: pytest.FixtureRequest, processes: ProcessPool) -> Callabl
     return make
 
 
-def _moduleStack(request: pytest.FixtureRequest, gatewayArgs: Iterable[str]) -> Iterator[Stack]:
+def moduleStack(request: pytest.FixtureRequest, gatewayArgs: Iterable[str]) -> Iterator[Stack]:
     provider = str(request.param)
     pool = ProcessPool(f"{request.module.__name__}[{provider}]")
     try:
@@ -447,7 +465,7 @@ def _moduleStack(request: pytest.FixtureRequest, gatewayArgs: Iterable[str]) -> 
 @pytest.fixture(scope="module", params=PROVIDERS)
 def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     """A default gateway (+ worker), shared by the module's tests that leave it as it was."""
-    yield from _moduleStack(request, ())
+    yield from moduleStack(request, ())
 
 
 LIMITED_ARGS = ("--max-in-flight", "2", "--max-message-bytes", "4096")
@@ -456,7 +474,20 @@ LIMITED_ARGS = ("--max-in-flight", "2", "--max-message-bytes", "4096")
 @pytest.fixture(scope="module", params=PROVIDERS)
 def limitedStack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     """A gateway started with LIMITED_ARGS (+ worker), shared by the module's tests."""
-    yield from _moduleStack(request, LIMITED_ARGS)
+    yield from moduleStack(request, LIMITED_ARGS)
+
+
+@pytest.fixture(autouse=True)
+def _balancedBooks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a test that used a shared stack (its function-scoped fixtures, clients included,
+    are gone by now): that stack's gateways must balance their books."""
+    yield
+    for name in ("stack", "limitedStack"):
+        if name in request.fixturenames:
+            shared = request.getfixturevalue(name)
+            problems = unbalancedBooks(shared.gateways)
+            if problems:
+                pytest.fail("\n".join(problems), pytrace=False)
 
 
 # Logs in failure reports, and no tracebacks while a test runs
@@ -479,7 +510,7 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
             start, log = mark.offsets.get(id(process), 0), process.log
             _CHECKED[id(process)] = (start, len(log))
             errors += [f"{process.name} logged an error during the test:\n{e}"
-                       for e in _logErrors(log[start:])]
+                       for e in logErrors(log[start:])]
         if errors:
             pytest.fail("\n\n".join(errors), pytrace=False)
     return result
@@ -629,13 +660,16 @@ class Client:
             else:
                 raise AssertionError(f"unexpected frame for {requestId}: {frame}")
 
-    def assertQuiet(self, *requestIds: str) -> None:
-        """Round-trip an echo on this connection, then check that nothing more came for
-        `requestIds` (their terminal frames were collected already)."""
+    def assertQuiet(self, *requestIds: str, barrierType: str = "echo") -> None:
+        """Round-trip a request on this connection (`barrierType` answers its payload back,
+        like echo), then check that nothing more came for `requestIds` (their terminal
+        frames were collected already)."""
         barrier = newRequestId("barrier")
-        self.request("echo", {"barrier": barrier}, barrier, timeoutMs=30_000)
+        self.request(barrierType, {"barrier": barrier}, barrier, timeoutMs=30_000)
         outcome = self.collect(barrier)
-        assert outcome.data == {"barrier": barrier} and not outcome.chunks, outcome
+        assert outcome.data == {"barrier": barrier}, outcome
+        if barrierType == "echo":
+            assert not outcome.chunks, outcome
         late = [f for f in self.unread if f.get("requestId") in requestIds]
         assert not late, f"frames after the terminal frame: {_short(late)}"
 
@@ -690,6 +724,15 @@ def connect() -> Iterator[Callable[[Any], Client]]:
             client.close()
         except Exception:
             pass
+
+
+@pytest.fixture
+def handlerPath(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers started by the test can import handler modules from the test's folder (and
+    what those import, this module included)."""
+    folders = [str(request.path.parent), str(Path(__file__).parent)]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        filter(None, [*folders, os.environ.get("PYTHONPATH")])))
 
 
 @pytest.fixture(name="waitUntil")
