@@ -602,7 +602,8 @@ class Client:
 
     # Receiving
 
-    def _receiveOne(self, timeout: float) -> None:
+    def receiveOne(self, timeout: float) -> None:
+        """Read at most one frame into `received` and `unread` (none when `timeout` passes)."""
         try:
             raw = self.ws.recv(timeout=max(timeout, 0.001))
         except TimeoutError:
@@ -629,7 +630,7 @@ class Client:
                 raise AssertionError(f"no {what} within {timeout}s; last frames received: "
                                      f"{_short(self.received[-10:])}")
             try:
-                self._receiveOne(remaining)
+                self.receiveOne(remaining)
             except ConnectionClosed as e:
                 raise AssertionError(f"the connection closed ({e}) while waiting for {what}; "
                                      f"last frames: {_short(self.received[-10:])}") from None
@@ -696,7 +697,7 @@ class Client:
             if remaining <= 0:
                 raise AssertionError(f"the connection is still open after {timeout}s")
             try:
-                self._receiveOne(remaining)
+                self.receiveOne(remaining)
             except ConnectionClosed as e:
                 self.closed = e
                 return e.rcvd.code if e.rcvd is not None else None

@@ -79,7 +79,7 @@ class LoadClient(threading.Thread):
 
     def _receive(self, timeout: float) -> None:
         try:
-            self.client._receiveOne(timeout)
+            self.client.receiveOne(timeout)
         except ConnectionClosed as e:
             raise AssertionError(f"{self.label}: the gateway closed the connection ({e})") from e
         received = self.client.received
