@@ -61,6 +61,7 @@ from relaybus.harness import (
     requestAccounting,
 )
 
+LATE_REPLIES = "relaybus_late_replies_total"
 RECV_TIMEOUT = 15.0  # the hang guard of every wait for a frame
 LOG_TIMEOUT = 15.0  # ... and of every wait for a log line
 SETTLE_TIMEOUT = 15.0  # ... and of the wait for a gateway's books to balance after a test
@@ -296,7 +297,7 @@ def unbalancedBooks(gateways: Iterable[ServiceProcess],
         while True:
             try:
                 samples = gateway.metrics()
-            except (OSError, urllib.error.HTTPError):
+            except OSError:  # urllib's HTTPError too: it stopped serving /metrics
                 break
             problem = requestAccounting(samples)
             if not problem:
@@ -701,6 +702,17 @@ class Client:
             except ConnectionClosed as e:
                 self.closed = e
                 return e.rcvd.code if e.rcvd is not None else None
+
+
+def assertRepliesStopped(gateway: GatewayProcess, watchS: float = 0.5) -> None:
+    """After a request ended and its handler was stopped: a chunk still published for it
+    reaches the gateway as a late reply (dropped and counted, never sent), so the client
+    cannot see it. Once what was in flight at the stop has arrived, no more may come."""
+    time.sleep(watchS)
+    before = gateway.metrics().get(LATE_REPLIES, 0.0)
+    time.sleep(watchS)  # the time of several more chunks
+    after = gateway.metrics().get(LATE_REPLIES, 0.0)
+    assert after == before, f"{after - before:.0f} replies came after the handler stopped"
 
 
 def _short(frames: list[dict[str, Any]]) -> str:

@@ -6,7 +6,7 @@ The AMQP mapping of each field is in docs/protocol.md ("The AMQP contract").
 from __future__ import annotations
 
 import enum
-from typing import Any
+from collections.abc import Callable
 
 import attrs
 
@@ -56,7 +56,8 @@ class Delivery:
 
     message: RequestMessage
     redelivered: bool
-    settle: Any = attrs.field(repr=False)  # callable(requeue: bool) -> None: ack or requeue
+    # The bus's ack (requeue=False) or requeue (requeue=True) of this one delivery.
+    settle: Callable[[bool], None] = attrs.field(repr=False)
 
     def ack(self) -> None:
         self.settle(False)

@@ -303,21 +303,12 @@ class FakeChannel:
 
 
 @attrs.define(eq=False)
-class FakeTransport:
-    aborted: int = 0
-
-    def abortConnection(self) -> None:
-        self.aborted += 1
-
-
-@attrs.define(eq=False)
 class FakeAmqpConnection:
     """pika's TwistedProtocolConnection as the buses' setUpConnection sees it."""
 
     holdConsumes: bool = False
     is_open: bool = True
     channels: list[FakeChannel] = attrs.field(factory=list)
-    transport: FakeTransport = attrs.field(factory=FakeTransport)
 
     def channel(self) -> Deferred[FakeChannel]:
         channel = FakeChannel(holdConsumes=self.holdConsumes)

@@ -185,12 +185,17 @@ def test_a_thousand_clients_vanish_mid_stream_and_nothing_is_left(makeStack, wai
 # SIGTERM under load
 
 
-def test_sigterm_with_200_in_flight_ends_each_once_closes_1001_and_exits_0(makeStack,
-                                                                          waitUntil):
-    drainS = 3
-    # 200 requests of 1 s, 10 at a time: about 20 s of work, far past the drain timeout.
+@pytest.mark.parametrize(("concurrency", "delayMs", "drainS", "allFinish"), [
+    # 200 requests of 0.5 s, 40 at a time: about 2.5 s of work, well inside a 10 s drain
+    pytest.param(40, 100, 10, True, id="work-fits-the-drain"),
+    # 200 requests of 1 s, 10 at a time: about 20 s of work, far past a 3 s drain
+    pytest.param(10, 200, 3, False, id="work-outlasts-the-drain"),
+])
+def test_sigterm_with_200_in_flight_ends_each_once_closes_1001_and_exits_0(
+        makeStack, waitUntil, concurrency: int, delayMs: int, drainS: int,
+        allFinish: bool) -> None:
     stack = makeStack("rabbitmq", ["--drain-timeout", str(drainS)],
-                      workerArgs=["--concurrency", "10"])
+                      workerArgs=["--concurrency", str(concurrency)])
     gateway = stack.gateway
     exits = contextlib.ExitStack()
     sockets = [exits.enter_context(wsConnect(gateway.url, open_timeout=10, close_timeout=5,
@@ -201,7 +206,7 @@ def test_sigterm_with_200_in_flight_ends_each_once_closes_1001_and_exits_0(makeS
     for c, ws in enumerate(sockets):
         for i in range(50):
             ws.send(f'{{"type":"request","requestId":"r{c}-{i}","requestType":"testRequest",'
-                    f'"payload":{{"count":5,"delayMs":200}},"timeoutMs":60000}}')
+                    f'"payload":{{"count":5,"delayMs":{delayMs}}},"timeoutMs":60000}}')
     sockets[0].send('{"type":"request","requestId":"probe","requestType":"echo"}')
     assert '"probe"' in sockets[0].recv(timeout=10)  # all 200 are in the gateway's hands
     assert gateway.metrics()["relaybus_requests_in_flight"] == 200
@@ -240,8 +245,10 @@ def test_sigterm_with_200_in_flight_ends_each_once_closes_1001_and_exits_0(makeS
     assert closeCodes == [1001] * 4
     assert code == 0, gateway.log[-3000:]
     # Within the drain timeout, plus what closing up takes on a busy 2-core machine: far
-    # below the ~20 s the work would keep it running if the drain timeout were ignored.
+    # below the ~20 s the longer work would keep it running if the timeout were ignored.
     assert exitedAfter < drainS + 8, f"exited {exitedAfter:.1f} s after SIGTERM"
+    if allFinish:
+        assert outcomes["response"] == 200, outcomes
 
 
 # Over the in-flight cap

@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import time
 
 import pytest
+
+from processfixtures import assertRepliesStopped
 
 pytestmark = [pytest.mark.processes]
 
@@ -286,8 +287,8 @@ def test_cancel_stops_the_handler(stack, connect):
     stack.waitForHandlerLog(stoppedLine(r"cancelled by the gateway \(cancelled\)"), mark)
     if stack.rabbitmq:  # the handler ran in the worker process, not in the gateway
         assert "Stopped testRequest" not in mark.since(stack.gateway)
-    # The stream stopped: nothing more comes, not even in the time of several more chunks.
-    time.sleep(CHUNKS_STOPPED_S)
+    # The stream stopped: nothing more comes, not even to the gateway.
+    assertRepliesStopped(stack.gateway, CHUNKS_STOPPED_S)
     client.assertQuiet(requestId)
 
 

@@ -12,10 +12,13 @@ from typing import Any
 
 import pika
 import pytest
+from amqpwire import ScriptedBroker, handshake
 from pika.adapters.twisted_connection import ClosableDeferredQueue
 from pika.exceptions import ChannelClosedByBroker, NackError, UnroutableError
-from twisted.internet.defer import CancelledError, Deferred, DeferredQueue
-from twisted.internet.error import ConnectionDone
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import CancelledError, Deferred, DeferredQueue, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -26,6 +29,8 @@ from relaybus.amqp.gatewaybus import AmqpRequestBus
 from relaybus.amqp.link import (
     DEFAULT_HEARTBEAT_S,
     AmqpConnection,
+    Backoff,
+    BrokerLink,
     brokerParameters,
     consumeForever,
     detached,
@@ -273,12 +278,13 @@ def test_relaybus_error_from_the_channel_keeps_its_code(gw: Gateway) -> None:
     assert errorCode(d) == "overloaded"
 
 
-def test_return_for_an_unknown_or_empty_correlation_id_is_ignored(gw: Gateway) -> None:
+def test_return_for_a_message_not_awaiting_its_confirm_is_ignored(gw: Gateway) -> None:
     gw.publishing.returnMessage(returnedProperties(""))
     gw.publishing.returnMessage(returnedProperties(None))
+    gw.publishing.returnMessage(returnedProperties("c-1"))  # c-1 is not published yet
     d, published = gw.publish("c-1")
     published.confirm.callback(None)
-    assert successResultOf(d) is None
+    assert successResultOf(d) is None  # a stray return earlier did not stick to it
 
 
 @pytest.mark.parametrize("state", ["never-set-up", "closed-channel"])
@@ -291,9 +297,8 @@ def test_not_connected_is_unavailable_at_once(gw: Gateway, state: str) -> None:
     assert not bus.isReady()
     message = RequestMessage("c-1", "echo", "gw-1", b"null", START + 1)
     assert errorCode(bus.publishRequest(message)) == "unavailable"
-    assert gw.publishing.published == []
-    bus.publishCancel(CancelNotice("c-1", "echo", "timeout"))
-    assert gw.publishing.published == []
+    bus.publishCancel(CancelNotice("c-1", "echo", "timeout"))  # dropped: nowhere to send it
+    assert gw.publishing.published == []  # (the never-set-up bus has no channel at all)
 
 
 def test_ready_with_an_open_channel(gw: Gateway) -> None:
@@ -517,6 +522,16 @@ def test_publish_reply_when_not_connected_is_unavailable(wk: Worker) -> None:
         ReplyMessage("c-1", "gw-7", ReplyKind.RESPONSE, b"1"))) == "unavailable"
 
 
+def test_stop_serving_fires_once_the_broker_confirmed_every_cancel(wk: Worker) -> None:
+    """Deliveries already on their way arrive before cancel-ok: the drain waits for it."""
+    stopped = wk.bus.stopServing(wk.receiver)
+    first, second = wk.consuming.cancelOks
+    first.callback(None)
+    assertNoResult(stopped)
+    second.errback(ChannelClosedByBroker(406, "gone"))  # a failed cancel does not hang it
+    assert successResultOf(stopped) is None
+
+
 def test_stop_serving_cancels_the_consumers(wk: Worker) -> None:
     wk.bus.stopServing(wk.receiver)
     assert wk.consuming.cancelled == ["ctag-t.requests.echo", "ctag-t.requests.testRequest"]
@@ -618,3 +633,56 @@ def test_amqp_connections_disable_nagle() -> None:
     connection = AmqpConnection(pika.ConnectionParameters(), Clock(), lambda *_: None)
     connection.makeConnection(transport)
     assert transport.noDelay is True
+
+
+# The buses on a real BrokerLink: real pika over a StringTransport, the broker's side scripted
+
+
+def _connectedThroughTheLink(bus: Any, reactor: MemoryReactorClock) -> tuple[Any, ScriptedBroker]:
+    bus.startService()
+    _host, _port, factory, _timeout, _bind = reactor.tcpClients[-1]
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5672))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(handshake())
+    broker = ScriptedBroker(protocol, transport)
+    broker.pump()  # the bus's setup: channels, topology, confirms, consumers
+    return protocol, broker
+
+
+def test_the_gateway_bus_is_set_up_by_its_link_and_hears_when_it_is_lost() -> None:
+    reactor = MemoryReactorClock()
+    bus = AmqpRequestBus(URL, reactor, Topology("t."), "gw-1",
+                         endpoint=TCP4ClientEndpoint(reactor, "127.0.0.1", 5672))
+    receiver = FakeReplyReceiver()
+    bus.listen(receiver)
+    protocol, _broker = _connectedThroughTheLink(bus, reactor)
+    assert bus.isReady()
+    reason = Failure(ConnectionLost("cut"))
+    protocol.connectionLost(reason)
+    assert not bus.isReady()
+    assert [f.value for f in receiver.interruptions] == [reason.value]
+
+
+def test_the_worker_bus_is_set_up_by_its_link_and_hears_when_it_is_lost() -> None:
+    reactor = MemoryReactorClock()
+    bus = AmqpWorkerBus(URL, reactor, Topology("t."),
+                        endpoint=TCP4ClientEndpoint(reactor, "127.0.0.1", 5672))
+    receiver = FakeRequestReceiver()
+    bus.serve(["echo"], receiver, 3)
+    protocol, broker = _connectedThroughTheLink(bus, reactor)
+    assert bus.isReady()
+    broker.deliver("t.requests.echo", 1, requestProperties("c-1", "gw-1"))
+    assert [d.message.correlationId for d in receiver.deliveries] == ["c-1"]
+    reason = Failure(ConnectionLost("cut"))
+    protocol.connectionLost(reason)
+    assert not bus.isReady()
+    assert [f.value for f in receiver.interruptions] == [reason.value]
+
+
+def test_the_buses_back_off_as_documented() -> None:
+    """Tests inject their own Backoff: the one a real bus gets must be the documented one."""
+    link = BrokerLink.forURL(URL, MemoryReactorClock(), "test", lambda c: succeed(None),
+                             lambda r: None)
+    assert link.backoff == Backoff()
+    assert (Backoff().initialS, Backoff().maxS, Backoff().jitterShare) == (0.5, 10.0, 0.25)

@@ -10,7 +10,7 @@ from typing import Any
 import pika
 import pika.spec
 import pytest
-from amqpwire import handshake, method, methodNames, refusedLogin
+from amqpwire import ScriptedBroker, handshake, method, methodNames, refusedLogin
 from pika.exceptions import ChannelClosedByBroker
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
@@ -29,13 +29,15 @@ class Link:
     """A started BrokerLink whose TCP connects the test answers (or refuses) by hand."""
 
     def __init__(self, backoff: Backoff = NO_JITTER, setupSucceeds: bool = False,
-                 setupOpensAChannel: bool = False) -> None:
+                 setupOpensAChannel: bool = False,
+                 setupOpensAWatchedChannel: bool = False) -> None:
         self.reactor = MemoryReactorClock()
         self.setups: list[Deferred[Any]] = []
         self.lost: list[Failure] = []
         self.connections: list[Any] = []  # what setup was called with: our AmqpConnection
         self.setupSucceeds = setupSucceeds
         self.setupOpensAChannel = setupOpensAChannel
+        self.setupOpensAWatchedChannel = setupOpensAWatchedChannel
         self.link = BrokerLink(TCP4ClientEndpoint(self.reactor, "127.0.0.1", 5672),
                                pika.ConnectionParameters(), self.reactor, "test link",
                                self._setup, self.lost.append, backoff)
@@ -47,6 +49,9 @@ class Link:
         self.connections.append(connection)
         if self.setupSucceeds:
             return succeed(None)
+        if self.setupOpensAWatchedChannel:  # as the buses do: its close drops the connection
+            watched: Deferred[Any] = self.link.openChannel(connection, "reply")
+            return watched
         if self.setupOpensAChannel:  # pika fails it if the connection goes meanwhile
             opening: Deferred[Any] = connection.channel()
             return opening
@@ -206,15 +211,17 @@ def test_setup_failing_on_an_open_connection_is_logged_and_dropped(link: Link) -
     assert link.transport is not None and link.transport.disconnected
 
 
-def test_consumer_closing_with_its_connection_is_not_blamed_on_the_broker(link: Link) -> None:
+def test_channel_closing_with_its_connection_is_not_blamed_on_the_broker() -> None:
+    link = Link(setupOpensAWatchedChannel=True)
     link.connectAndSetUp()
-    link.setups[0].callback(None)
-    assert link.link.connection is link.connection
+    assert link.transport is not None
+    ScriptedBroker(link.protocol, link.transport).pump()  # channel.open-ok: set up
+    assert link.link.connection is link.connection and link.link.ready
     reason = Failure(ConnectionLost("closed by the broker"))
     with capturedLogs() as events:
-        # the connection goes first; its consumers stop because of that
+        # pika closes the channel inside connectionLost (its watcher calls drop() then),
+        # before the link hears of the loss
         link.protocol.connectionLost(reason)
-        link.link.drop(link.connection, "the broker cancelled the reply consumer")
     assert [text for _, text, _ in _logged(events)] == [
         "AMQP test link: connection lost: Connection to the other side was lost in a "
         "non-clean fashion: closed by the broker."]

@@ -1,4 +1,4 @@
-"""The RabbitMQ bus, on pika's Twisted adapter: the only package that imports pika.
+"""The RabbitMQ bus, on pika's Twisted adapter: the one place the gateway and worker use pika.
 
 Split along the data flow, so each piece can be read (and tested) alone:
 

@@ -13,7 +13,7 @@ from pika.adapters.twisted_connection import (
 from pika.exceptions import NackError, UnroutableError
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -37,16 +37,19 @@ class AmqpRequestBus(MultiService):
     """
 
     def __init__(self, url: str, reactor: IReactorTime, topology: Topology,
-                 gatewayId: str) -> None:
+                 gatewayId: str, endpoint: IStreamClientEndpoint | None = None) -> None:
         super().__init__()
         self.replyTo = gatewayId
         self._clock = reactor
         self._topology = topology
         self._receiver: IReplyReceiver | None = None
         self._publishing: TwistedChannel | None = None
+        # Correlation ids of mandatory publishes awaiting their confirm, and those of them
+        # the broker returned (no queue bound for their requestType).
+        self._unconfirmed: set[str] = set()
         self._returned: set[str] = set()
         self._link = BrokerLink.forURL(url, reactor, f"relaybus gateway {gatewayId}",
-                                       self.setUpConnection, self.connectionLost)
+                                       self.setUpConnection, self.connectionLost, endpoint)
         self._link.setServiceParent(self)
 
     def listen(self, receiver: IReplyReceiver) -> None:
@@ -69,6 +72,7 @@ class AmqpRequestBus(MultiService):
         queue, _tag = yield consuming.basic_consume(queue=replyQueue, auto_ack=True)
         consumeForever(queue, self._replyArrived, lambda: link.drop(
             connection, "the broker cancelled the reply consumer"))
+        self._unconfirmed.clear()
         self._returned.clear()
         self._publishing = publishing
 
@@ -82,6 +86,7 @@ class AmqpRequestBus(MultiService):
         if channel is None or not channel.is_open:
             return notReachable()
         correlationId = message.correlationId
+        self._unconfirmed.add(correlationId)
         published = channel.basic_publish(
             exchange=self._topology.requestsExchange, routing_key=message.requestType,
             body=message.body, properties=codec.requestProperties(message, self._clock.seconds()),
@@ -92,6 +97,7 @@ class AmqpRequestBus(MultiService):
             # whether *this* message came back is decided by its correlation_id alone.
             returned = correlationId in self._returned
             self._returned.discard(correlationId)
+            self._unconfirmed.discard(correlationId)
             if returned:
                 raise RelaybusError(ErrorCode.NO_HANDLER,
                                     f"no worker serves requestType {message.requestType!r}")
@@ -105,8 +111,10 @@ class AmqpRequestBus(MultiService):
         return detached(published).addBoth(settled)
 
     def _messageReturned(self, message: ReceivedMessage) -> None:
+        """Kept only for a publish still awaiting its confirm: a return for anything else
+        (a message of a previous connection, a stray id) must neither stick nor leak."""
         correlationId = message.properties.correlation_id
-        if correlationId:
+        if correlationId in self._unconfirmed:
             self._returned.add(correlationId)
 
     def publishCancel(self, notice: CancelNotice) -> None:

@@ -206,7 +206,7 @@ class BrokerLink(Service):
         self._name = name
         self._setup = setup
         self._lost = lost
-        self._backoff = backoff
+        self.backoff = backoff
         self._client: ClientService | None = None
         self._failedAttempts = 0  # since the last successful setup
         self._settingUp: TwistedProtocolConnection | None = None
@@ -216,11 +216,14 @@ class BrokerLink(Service):
 
     @classmethod
     def forURL(cls, url: str, reactor: Any, name: str, setup: SetUp,
-               lost: Callable[[Failure], None]) -> BrokerLink:
-        """The link a gateway or worker uses: `name` shows in RabbitMQ's connection list."""
+               lost: Callable[[Failure], None],
+               endpoint: IStreamClientEndpoint | None = None) -> BrokerLink:
+        """The link a gateway or worker uses: `name` shows in RabbitMQ's connection list;
+        `endpoint` replaces the one the URL names (tests)."""
         parameters = brokerParameters(url)
         parameters.client_properties = {"connection_name": name, "product": "relaybus"}
-        return cls(endpointForURL(reactor, url), parameters, reactor, name, setup, lost)
+        return cls(endpoint or endpointForURL(reactor, url), parameters, reactor, name, setup,
+                   lost)
 
     @property
     def ready(self) -> bool:
@@ -248,7 +251,7 @@ class BrokerLink(Service):
         # ClientService counts failed TCP connects only, and restarts its count on each one
         # that succeeds: ours counts every attempt since the last successful setup.
         self._failedAttempts += 1
-        return self._backoff.delay(self._failedAttempts)
+        return self.backoff.delay(self._failedAttempts)
 
     def _handshakeFailed(self, failure: Failure) -> None:
         if failure.check(AMQPConnectionError):

@@ -14,7 +14,7 @@ from pika.adapters.twisted_connection import (
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -38,7 +38,8 @@ class AmqpWorkerBus(MultiService):
     """
 
     def __init__(self, url: str, reactor: IReactorTime, topology: Topology,
-                 name: str = "relaybus worker") -> None:
+                 name: str = "relaybus worker",
+                 endpoint: IStreamClientEndpoint | None = None) -> None:
         super().__init__()
         self._topology = topology
         self._requestTypes: list[str] = []
@@ -49,7 +50,7 @@ class AmqpWorkerBus(MultiService):
         self._consumerTags: list[str] = []
         self._serving = False
         self._link = BrokerLink.forURL(url, reactor, name, self.setUpConnection,
-                                       self.connectionLost)
+                                       self.connectionLost, endpoint)
         self._link.setServiceParent(self)
 
     def serve(self, requestTypes: Iterable[str], receiver: IRequestReceiver,
