@@ -15,14 +15,28 @@ import binascii
 import http.cookies
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
-from autobahn.websocket.types import ConnectionRequest
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.cred.credentials import Anonymous
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import combinedLogFormatter
 from twisted.web.server import Request
+
+from relaybus.errors import ErrorCode, RelaybusError
+from relaybus.identity import BearerToken, IPrincipal, JWTChecker, Principal, makePortal
+
+log = Logger(namespace="relaybus.admission")
 
 SUBPROTOCOL = "relaybus.v1"
 BEARER_SUBPROTOCOL_PREFIX = "base64url.bearer.relaybus."
 ACCESS_TOKEN_PARAMETER = "access_token"
+UNAUTHORIZED_STATUS = 401
+# The close code of a connection whose token expired without a refresh (4000-4999: ours).
+CLOSE_TOKEN_EXPIRED = 4401
 
 # Anything that looks like a token where a log line could show it: the query parameter (in a
 # URI or a Referer), a bearer subprotocol entry, an Authorization header value.
@@ -88,3 +102,56 @@ def redactingLogFormatter(timestamp: str, request: Request) -> str:
     """twisted.web's access log line (combined format) with tokens taken out: it writes the
     whole URI and the Referer, query string included."""
     return redactSecrets(combinedLogFormatter(timestamp, request))
+
+
+class Authenticator:
+    """The verdicts on one gateway's tokens: at the handshake (through the twisted.cred
+    portal) and for the in-band refresh of a connection's token."""
+
+    def __init__(self, checker: JWTChecker, allowAnonymous: bool, leewayS: float,
+                 cookieName: str | None = None) -> None:
+        self._checker = checker
+        self._portal = makePortal(checker, allowAnonymous)
+        self._leewayS = leewayS
+        self._cookieName = cookieName
+
+    def admit(self, request: ConnectionRequest) -> Deferred[Principal]:
+        """The principal a handshake proves, or a failure with ConnectionDeny(401, reason):
+        the reason is short and fixed (it is the HTTP status text, and it is logged)."""
+        try:
+            token = presentedToken(request, self._cookieName)
+        except MalformedCredentials as e:
+            return fail(ConnectionDeny(UNAUTHORIZED_STATUS, str(e)))
+        credentials = BearerToken(token) if token is not None else Anonymous()
+
+        def admitted(result: tuple[Any, Principal, Any]) -> Principal:
+            return result[1]
+
+        def refused(failure: Failure) -> Failure:
+            if failure.check(UnhandledCredentials):
+                reason = "a bearer token is required"
+            elif failure.check(UnauthorizedLogin):
+                reason = failure.getErrorMessage()
+            else:  # a bug of ours: still a refusal, never an open door
+                log.failure("Checking a handshake's token failed", failure)
+                reason = "the token could not be checked"
+            return Failure(ConnectionDeny(UNAUTHORIZED_STATUS, reason))
+
+        return self._portal.login(credentials, None, IPrincipal).addCallbacks(
+            admitted, refused)
+
+    def refreshed(self, current: Principal, token: str) -> Principal:
+        """The principal of a fresh token for a connection already open as `current`."""
+        try:
+            principal = self._checker.verify(token)
+        except UnauthorizedLogin as e:
+            raise RelaybusError(ErrorCode.UNAUTHORIZED, str(e)) from None
+        if principal.sub != current.sub:
+            raise RelaybusError(ErrorCode.UNAUTHORIZED, "a refresh must keep the same sub")
+        return principal
+
+    def closesAt(self, principal: Principal) -> float | None:
+        """When a connection that proved `principal` must close, unless it refreshes."""
+        if principal.expiresAt is None:
+            return None
+        return principal.expiresAt + self._leewayS
