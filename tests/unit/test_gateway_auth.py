@@ -96,7 +96,7 @@ def test_a_valid_token_opens_with_the_principal_in_hello(gw: Gateway) -> None:
 def test_the_bearer_subprotocol_is_accepted_and_relaybus_v1_echoed(gw: Gateway) -> None:
     entry = "base64url.bearer.relaybus." + base64.urlsafe_b64encode(
         token().encode()).decode().rstrip("=")
-    client, response = gw.handshake(Sec_WebSocket_Protocol=f"relaybus.v1, {entry}")
+    _client, response = gw.handshake(Sec_WebSocket_Protocol=f"relaybus.v1, {entry}")
     assert response.startswith(b"HTTP/1.1 101 ")
     assert b"Sec-WebSocket-Protocol: relaybus.v1\r\n" in response
     assert entry.encode() not in response.split(b"\r\n\r\n")[0]
