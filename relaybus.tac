@@ -9,4 +9,4 @@ from relaybus.service import GatewayService, exitZeroOnSigterm
 exitZeroOnSigterm()
 application = Application("relaybus")
 options = GatewayOptions.fromEnvironment()
-GatewayService(options.config, options.registry).setServiceParent(application)
+GatewayService(options.config, options.registry, checker=options.checker).setServiceParent(application)

@@ -565,11 +565,14 @@ class Client:
     """A WebSocket client over `websockets`' sync API. Frames are kept in `received` (all, in
     order) and consumed from an unread buffer, so requests may interleave freely."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, **handshake: Any) -> None:
+        """`handshake`: more of websockets' connect() options (additional_headers,
+        subprotocols, origin, ...), e.g. to present a token."""
         self.url = url
         self._exits = contextlib.ExitStack()
         self.ws: ClientConnection = self._exits.enter_context(
-            wsConnect(url, open_timeout=10, close_timeout=5, max_size=None, proxy=None))
+            wsConnect(url, open_timeout=10, close_timeout=5, max_size=None, proxy=None,
+                      **handshake))
         self.received: list[dict[str, Any]] = []
         self.rawSizes: list[int] = []  # bytes of each text frame received
         self.unread: list[dict[str, Any]] = []
@@ -721,13 +724,13 @@ def _short(frames: list[dict[str, Any]]) -> str:
 
 
 @pytest.fixture
-def connect() -> Iterator[Callable[[Any], Client]]:
-    """connect(gateway_or_stack_or_url) -> Client (hello already read)."""
+def connect() -> Iterator[Callable[..., Client]]:
+    """connect(gateway_or_stack_or_url, **handshake) -> Client (hello already read)."""
     clients: list[Client] = []
 
-    def open_(target: Any) -> Client:
+    def open_(target: Any, **handshake: Any) -> Client:
         url = target if isinstance(target, str) else target.url
-        client = Client(url)
+        client = Client(url, **handshake)
         clients.append(client)
         return client
 

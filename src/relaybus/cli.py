@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -31,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="the request's deadline in seconds (default 30)")
     call.add_argument("--connect-timeout", dest="connectTimeout", type=float, default=10.0,
                       help="seconds to connect to the gateway (default 10)")
+    call.add_argument("--token", default=os.environ.get("RELAYBUS_TOKEN"),
+                      help="a JWT for a gateway that authenticates (default: $RELAYBUS_TOKEN)")
     return parser
 
 
@@ -43,7 +46,8 @@ async def _call(reactor: Any, args: argparse.Namespace, payload: Any) -> int:
     from relaybus.client import connect
 
     try:
-        client = await connect(args.url, reactor, timeout=args.connectTimeout)
+        client = await connect(args.url, reactor, timeout=args.connectTimeout,
+                               token=args.token)
     except RelaybusError as e:
         _print({"type": "error", "code": str(e.code), "message": e.message})
         return 1

@@ -11,6 +11,7 @@ Cancelling the Deferred of a call sends a `cancel` frame.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -206,15 +207,31 @@ class RelaybusClient:
             self._end(requestId, RelaybusError(
                 DISCONNECTED, f"the connection closed ({code}: {reason}) before the request ended"))
         if not self.whenReady.called:
-            self.whenReady.errback(RelaybusError(
-                DISCONNECTED, f"the connection closed before the gateway said hello ({code})"))
+            self.whenReady.errback(_refusedHandshake(code, reason))
         if not self.whenClosed.called:
             self.whenClosed.callback((code, reason))
 
 
+_HTTP_REFUSAL = re.compile(r"upgrade failed \[(\d{3})\]: ([^\"]{0,200})")
+
+
+def _refusedHandshake(code: int | None, reason: str | None) -> RelaybusError:
+    """A 401 (the gateway refused the token) is `unauthorized`; anything else before hello
+    is `disconnected`. Autobahn reports the HTTP status as "upgrade failed [401]: token
+    expired"."""
+    refusal = _HTTP_REFUSAL.search(reason or "")
+    if refusal is not None and refusal.group(1) == "401":
+        return RelaybusError(ErrorCode.UNAUTHORIZED, refusal.group(2))
+    detail = f"HTTP {refusal.group(1)} {refusal.group(2)}" if refusal else f"close code {code}"
+    return RelaybusError(DISCONNECTED, f"the connection closed before the gateway said hello "
+                                       f"({detail})")
+
+
 def connect(url: str, reactor: Any = None, timeout: float = 10.0,
-            maxMessageBytes: int = 16 * 1024 * 1024) -> Deferred[RelaybusClient]:
-    """Open a WebSocket to a gateway; fires once its hello frame has arrived."""
+            maxMessageBytes: int = 16 * 1024 * 1024,
+            token: str | None = None) -> Deferred[RelaybusClient]:
+    """Open a WebSocket to a gateway; fires once its hello frame has arrived. `token` is a
+    JWT for a gateway that authenticates, sent as `Authorization: Bearer`."""
     if reactor is None:
         from twisted.internet import reactor as globalReactor
 
@@ -226,7 +243,8 @@ def connect(url: str, reactor: Any = None, timeout: float = 10.0,
         pass
 
     Protocol.client = client
-    factory = WebSocketClientFactory(url, reactor=reactor)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    factory = WebSocketClientFactory(url, reactor=reactor, headers=headers)
     factory.protocol = Protocol
     factory.setProtocolOptions(maxMessagePayloadSize=maxMessageBytes,
                                maxFramePayloadSize=maxMessageBytes,

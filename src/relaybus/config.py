@@ -8,6 +8,7 @@ import socket
 import attrs
 
 from relaybus.frames import MAX_LOG_ENTRIES_PER_FRAME
+from relaybus.identity import JWTSettings
 
 MiB = 1024 * 1024
 
@@ -52,6 +53,9 @@ class GatewayConfig:
     maxSendBufferBytes: int = 4 * MiB
     # Every connection costs memory whatever it does: the cap on them (HTTP 503 beyond).
     maxConnections: int = 50_000
+    # Who may connect: with a key configured, a handshake needs a valid token (HTTP 401).
+    jwt: JWTSettings = attrs.field(factory=JWTSettings)
+    allowAnonymous: bool = False  # with a key: admit handshakes without a token as "anonymous"
 
     @property
     def inMemory(self) -> bool:

@@ -117,6 +117,7 @@ class CorrelationTable:
             body=body,
             deadline=entry.deadline,
             gatewayId=self._gatewayId,
+            principal=connection.principal.sub if connection.principal is not None else None,
         )
         maybeDeferred(self._bus.publishRequest, message).addErrback(self._publishFailed, entry)
         return entry.outcome

@@ -21,6 +21,7 @@ class ErrorCode(enum.StrEnum):
     HANDLER_ERROR = "handler_error"
     WORKER_LOST = "worker_lost"
     SHUTTING_DOWN = "shutting_down"
+    UNAUTHORIZED = "unauthorized"
 
 
 # Codes a worker may put in an `error` reply; anything else is reported as handler_error.

@@ -64,7 +64,14 @@ class ClientLogFrame:
     entries: tuple[ClientLogEntry, ...]
 
 
-ClientFrame = RequestFrame | CancelFrame | ClientLogFrame
+@attrs.frozen
+class AuthFrame:
+    """A fresh token for this connection, before the one it opened with expires."""
+
+    token: str = attrs.field(repr=False)
+
+
+ClientFrame = RequestFrame | CancelFrame | ClientLogFrame | AuthFrame
 
 
 def _requestId(frame: dict[str, Any]) -> str:
@@ -127,6 +134,13 @@ def _parseClientLogEntry(frame: dict[str, Any]) -> ClientLogEntry:
     return ClientLogEntry(level, message, context, timestamp)
 
 
+def _parseAuth(frame: dict[str, Any]) -> AuthFrame:
+    token = frame.get("token")
+    if not isinstance(token, str) or not token:
+        raise FrameError("auth token must be a non-empty string")
+    return AuthFrame(token)
+
+
 def parseClientFrame(data: bytes, isBinary: bool) -> ClientFrame:
     """Turn one WebSocket message into a typed frame or raise FrameError."""
     if isBinary:
@@ -143,11 +157,13 @@ def parseClientFrame(data: bytes, isBinary: bool) -> ClientFrame:
             return _parseRequest(frame)
         if kind == "cancel":
             return CancelFrame(_requestId(frame))
+        if kind == "auth":
+            return _parseAuth(frame)
         if kind == "client-log":
             return _parseClientLog(frame)
     except ValueError as e:  # context too deep to re-encode
         raise FrameError(str(e)) from None
-    raise FrameError('frame type must be one of "request", "cancel", "client-log"')
+    raise FrameError('frame type must be one of "request", "cancel", "client-log", "auth"')
 
 
 def escapeControlCharacters(text: str) -> str:
@@ -162,9 +178,15 @@ def _escape(match: re.Match[str]) -> str:
 
 # Gateway -> client frames. Each returns the encoded text frame.
 
-def helloFrame(connectionId: str, limits: dict[str, int]) -> bytes:
+def helloFrame(connectionId: str, limits: dict[str, int],
+               principal: dict[str, Any] | None = None) -> bytes:
+    """`principal` is who the handshake's token proved; null when the gateway has no keys."""
     return encodeJSON({"type": "hello", "connectionId": connectionId,
-                       "protocol": 1, "limits": limits})
+                       "protocol": 1, "limits": limits, "principal": principal})
+
+
+def authOkFrame(expiresAt: int | None) -> bytes:
+    return encodeJSON({"type": "auth-ok", "expiresAt": expiresAt})
 
 
 def chunkFrame(requestId: str, seq: int, data: Any) -> bytes:

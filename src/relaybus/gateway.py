@@ -6,6 +6,7 @@ library share the one port.
 
 from __future__ import annotations
 
+import collections
 import re
 import secrets
 from pathlib import Path
@@ -19,25 +20,36 @@ from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
+from relaybus.admission import (
+    CLOSE_TOKEN_EXPIRED,
+    UNAUTHORIZED_STATUS,
+    Authenticator,
+    chosenSubprotocol,
+    redactingLogFormatter,
+)
 from relaybus.config import GatewayConfig
 from relaybus.correlation import CorrelationTable
 from relaybus.errors import ErrorCode, RelaybusError
 from relaybus.frames import (
+    AuthFrame,
     CancelFrame,
     ClientFrames,
     ClientLogFrame,
     FrameError,
     RequestFrame,
+    authOkFrame,
     errorFrame,
     escapeControlCharacters,
     helloFrame,
     parseClientFrame,
 )
+from relaybus.identity import Principal
 from relaybus.interfaces import IClientConnection, IRequestBus
 
 log = Logger(namespace="relaybus.gateway")
@@ -84,16 +96,41 @@ class GatewayProtocol(WebSocketServerProtocol):
     _bytesQueuedWhilePaused = 0
     _admitted = False
     _abortAfterFlush: IDelayedCall | None = None
+    principal: Principal | None = None  # who the handshake's token proved (None: no auth)
+    _tokenExpiry: IDelayedCall | None = None
 
-    def onConnect(self, request: ConnectionRequest) -> None:
+    # Autobahn takes a Deferred here too (txaio.as_future), though its types do not say so.
+    def onConnect(  # type: ignore[override]
+            self, request: ConnectionRequest) -> Deferred[str | None] | str | None:
         """Admit the handshake while under --max-connections (counting handshakes in progress,
-        so a burst cannot overshoot); refuse with HTTP 503 beyond it."""
+        so a burst cannot overshoot; HTTP 503 beyond it), then, when the gateway authenticates,
+        only with a token that proves a principal (HTTP 401 otherwise)."""
         factory = self.factory
         if factory.admitted >= factory.config.maxConnections:
             factory.connectionsRefused += 1
             raise ConnectionDeny(503, "the gateway is at its connection limit")
         factory.admitted += 1
         self._admitted = True
+        subprotocol = chosenSubprotocol(request.protocols)
+        if factory.authenticator is None:
+            return subprotocol
+
+        def admitted(principal: Principal) -> str | None:
+            self.principal = principal
+            return subprotocol
+
+        def refused(failure: Failure) -> Failure:
+            factory.handshakesRefused["unauthorized"] += 1
+            return failure
+
+        return factory.authenticator.admit(request).addCallbacks(admitted, refused)
+
+    def failHandshake(self, reason: str, code: int = 400,
+                      responseHeaders: list[tuple[str, str]] | None = None) -> None:
+        if code == UNAUTHORIZED_STATUS:  # RFC 6750: say which scheme would be accepted
+            responseHeaders = [*(responseHeaders or []),
+                               ("WWW-Authenticate", 'Bearer realm="relaybus"')]
+        super().failHandshake(reason, code, responseHeaders)
 
     def onOpen(self) -> None:
         self.connectionId = secrets.token_urlsafe(12)
@@ -104,7 +141,50 @@ class GatewayProtocol(WebSocketServerProtocol):
         self._logEntriesDropped = 0
         self._lastDropNoticeAt: float | None = None
         self._watchSendBuffer()
-        self._sendTextFrame(helloFrame(self.connectionId, limits.forHello()))
+        principal = self.principal.forHello() if self.principal is not None else None
+        self._sendTextFrame(helloFrame(self.connectionId, limits.forHello(), principal))
+        self._watchTokenExpiry()
+
+    def _watchTokenExpiry(self) -> None:
+        self._cancelTokenExpiry()
+        authenticator = self.factory.authenticator
+        if authenticator is None or self.principal is None:
+            return
+        closesAt = authenticator.closesAt(self.principal)
+        if closesAt is not None:
+            clock = self.factory.clock
+            self._tokenExpiry = clock.callLater(max(0.0, closesAt - clock.seconds()),
+                                                self._tokenExpired)
+
+    def _cancelTokenExpiry(self) -> None:
+        if self._tokenExpiry is not None and self._tokenExpiry.active():
+            self._tokenExpiry.cancel()
+        self._tokenExpiry = None
+
+    def _tokenExpired(self) -> None:
+        """No refresh came in time: end the connection's requests (workers are told, as on
+        any disconnect) and close with the documented code."""
+        self._tokenExpiry = None
+        log.info("Closing {connectionId}: its token expired", connectionId=self.connectionId)
+        self.factory.tokensExpired += 1
+        self.sendClose(CLOSE_TOKEN_EXPIRED, "the token expired")
+        self.factory.table.connectionLost(self)
+
+    def _refreshToken(self, frame: AuthFrame) -> None:
+        authenticator = self.factory.authenticator
+        if authenticator is None or self.principal is None:
+            self._sendTextFrame(errorFrame(None, FrameError(
+                "this gateway does not authenticate: auth frames are not accepted")))
+            return
+        try:
+            principal = authenticator.refreshed(self.principal, frame.token)
+        except RelaybusError as e:
+            self.factory.refreshesRefused += 1
+            self._sendTextFrame(errorFrame(None, e))
+            return
+        self.principal = principal
+        self._watchTokenExpiry()
+        self._sendTextFrame(authOkFrame(principal.forHello()["expiresAt"]))
 
     def _watchSendBuffer(self) -> None:
         """Become the transport's producer so a full write buffer tells us the client stalled.
@@ -147,6 +227,8 @@ class GatewayProtocol(WebSocketServerProtocol):
             self.factory.table.cancel(self, frame.requestId)
         elif isinstance(frame, ClientLogFrame):
             self._recordClientLog(frame)
+        elif isinstance(frame, AuthFrame):
+            self._refreshToken(frame)
 
     def dropConnection(self, abort: bool = False) -> None:
         """Autobahn aborts the TCP connection once the close handshake completes. When the
@@ -165,6 +247,7 @@ class GatewayProtocol(WebSocketServerProtocol):
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._cancelTokenExpiry()
         if self._abortAfterFlush is not None and self._abortAfterFlush.active():
             self._abortAfterFlush.cancel()
             self._abortAfterFlush = None
@@ -247,11 +330,15 @@ class GatewayFactory(WebSocketServerFactory):
     protocol = GatewayProtocol  # type: ignore[assignment]
 
     def __init__(self, config: GatewayConfig, table: CorrelationTable,
-                 clock: IReactorTime) -> None:
+                 clock: IReactorTime, authenticator: Authenticator | None = None) -> None:
         super().__init__()
         self.config = config
         self.table = table
         self.clock = clock
+        self.authenticator = authenticator  # None: every handshake is admitted (no keys)
+        self.handshakesRefused: collections.Counter[str] = collections.Counter()  # by reason
+        self.tokensExpired = 0
+        self.refreshesRefused = 0
         self.clientFrames = ClientFrames(config.limits.maxMessageBytes)
         self.connections: set[GatewayProtocol] = set()
         self.admitted = 0  # connections open or in their handshake
@@ -344,4 +431,4 @@ def makeSite(factory: GatewayFactory, bus: IRequestBus, isDraining: Any,
     root.putChild(b"ws", WebSocketResource(factory))
     root.putChild(b"healthz", _Health(lambda: True))
     root.putChild(b"readyz", _Health(lambda: bus.isReady() and not isDraining()))
-    return Site(root)
+    return Site(root, logFormatter=redactingLogFormatter)

@@ -120,6 +120,9 @@ class IClientConnection(Interface):
     """
 
     connectionId = Attribute("Unique id of this connection (also sent in the hello frame).")
+    principal = Attribute(
+        "The relaybus.identity.Principal its handshake proved; None when the gateway has no "
+        "keys. Workers learn its `sub` as the relaybus-principal header.")
 
     def sendChunk(requestId: str, seq: int, data: Any) -> None:
         """Send chunk number `seq` of a request; raises RelaybusError when it cannot be sent."""

@@ -12,6 +12,7 @@ from twisted.python import usage
 from relaybus.amqp.link import validateBrokerURL
 from relaybus.config import GatewayConfig, Limits, WorkerConfig, newGatewayId
 from relaybus.handlers import registerHandlers
+from relaybus.identity import JWTChecker, JWTSettings, loadChecker
 from relaybus.interfaces import IRequestHandler
 
 MAX_NAME_LENGTH = 64
@@ -63,6 +64,43 @@ def _checkName(option: str, value: str) -> None:
                                "letters, digits, '-', '_' and '.'")
 
 
+def _nonNegativeFloat(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise ValueError(f"must be a number of seconds, 0 or more, not {value}")
+    return number
+
+
+_nonNegativeFloat.coerceDoc = "A number of seconds, 0 or more."  # type: ignore[attr-defined]
+
+
+def _commaList(value: str | None) -> tuple[str, ...]:
+    return tuple(filter(None, (item.strip() for item in (value or "").split(","))))
+
+
+class _ReactorClock:
+    """The running reactor's clock, looked up when a token is checked: options are parsed
+    before twistd installs the reactor, so they must not import it (twistd -r)."""
+
+    def seconds(self) -> float:
+        from twisted.internet import reactor
+
+        return float(reactor.seconds())
+
+
+def _loadChecker(config: GatewayConfig) -> JWTChecker | None:
+    """Read the key material once, at start: a bad key or setting is a usage error."""
+    if not config.jwt.configured:
+        if config.allowAnonymous:
+            raise usage.UsageError("--allow-anonymous needs a JWT key (--jwt-secret-file, "
+                                   "--jwt-public-key-file or --jwks-file)")
+        return None
+    try:
+        return loadChecker(config.jwt, _ReactorClock())
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None
+
+
 class _EnvironmentOptions(usage.Options):
     registry: dict[str, IRequestHandler]  # the handlers this process runs, by requestType
 
@@ -70,7 +108,7 @@ class _EnvironmentOptions(usage.Options):
     def fromEnvironment(cls, environ: Mapping[str, str] | None = None) -> Any:
         """Parse RELAYBUS_* variables as if they were options (for relaybus.tac).
 
-        A repeatable option takes a comma-separated list.
+        A repeatable option takes a comma-separated list; a flag takes 1/true/yes/on.
         """
         environ = os.environ if environ is None else environ
         argv: list[str] = []
@@ -85,6 +123,13 @@ class _EnvironmentOptions(usage.Options):
                     argv += [f"--{name}", item]
             else:
                 argv += [f"--{name}", value]
+        for name in [f[0] for f in getattr(options, "optFlags", [])]:
+            variable = "RELAYBUS_" + name.upper().replace("-", "_")
+            value = environ.get(variable, "").strip().lower()
+            if value in ("1", "true", "yes", "on"):
+                argv.append(f"--{name}")
+            elif value not in ("", "0", "false", "no", "off"):
+                raise usage.UsageError(f"{variable} must be 1/true/yes/on or 0/false/no/off")
         options.parseOptions(argv)
         return options
 
@@ -126,6 +171,22 @@ class GatewayOptions(_EnvironmentOptions):
          "Seconds to let requests finish on shutdown.", _positiveFloat],
         ["worker-concurrency", None, _GATEWAY.workerConcurrency,
          "Requests in-process handlers run at once, per requestType.", _positiveInt],
+        ["jwt-secret-file", None, None,
+         "File with the HMAC secret that signs clients' JWTs (HS256/HS384/HS512)."],
+        ["jwt-public-key-file", None, None,
+         "PEM public key that verifies clients' JWTs (RS*, PS*, ES256/ES384, EdDSA)."],
+        ["jwks-file", None, None, "JWK Set file of the keys that verify clients' JWTs "
+         "(chosen by the token's kid)."],
+        ["jwt-algorithms", None, None,
+         "Comma-separated allow-list of JWT algorithms (default: from the key type)."],
+        ["jwt-audience", None, None, "Required `aud` of clients' JWTs."],
+        ["jwt-issuer", None, None, "Required `iss` of clients' JWTs."],
+        ["jwt-leeway", None, _GATEWAY.jwt.leewayS,
+         "Seconds of clock skew allowed on a JWT's exp and nbf.", _nonNegativeFloat],
+    ]
+    optFlags = [
+        ["allow-anonymous", None, "With a JWT key: admit handshakes without a token, as the "
+         "principal 'anonymous' (a token that is present must still be valid)."],
     ]
 
     def __init__(self) -> None:
@@ -154,8 +215,15 @@ class GatewayOptions(_EnvironmentOptions):
             openHandshakeTimeoutS=self["open-handshake-timeout"],
             drainTimeoutS=self["drain-timeout"], workerConcurrency=self["worker-concurrency"],
             maxSendBufferBytes=self["max-send-buffer"],
-            maxConnections=self["max-connections"])
+            maxConnections=self["max-connections"],
+            jwt=JWTSettings(
+                secretFile=self["jwt-secret-file"], publicKeyFile=self["jwt-public-key-file"],
+                jwksFile=self["jwks-file"], algorithms=_commaList(self["jwt-algorithms"]),
+                audience=self["jwt-audience"], issuer=self["jwt-issuer"],
+                leewayS=self["jwt-leeway"]),
+            allowAnonymous=bool(self["allow-anonymous"]))
         self.registry = _resolveHandlers(self.config.inProcessHandlers)
+        self.checker = _loadChecker(self.config)
         _checkName("--gateway-id", self.config.gatewayId)
         _checkName("--amqp-prefix", self.config.amqpPrefix)
 

@@ -17,12 +17,14 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
+from relaybus.admission import Authenticator
 from relaybus.amqp.gatewaybus import AmqpRequestBus
 from relaybus.amqp.topology import Topology
 from relaybus.amqp.workerbus import AmqpWorkerBus
 from relaybus.config import GatewayConfig, WorkerConfig
 from relaybus.correlation import CorrelationTable
 from relaybus.gateway import GatewayFactory, makeSite
+from relaybus.identity import JWTChecker
 from relaybus.interfaces import IRequestBus, IRequestHandler, IWorkerBus
 from relaybus.memory import MemoryBus
 from relaybus.metrics import GatewayCollector, MetricsResource, gatewayRegistry
@@ -63,11 +65,13 @@ def exitZeroOnSigterm(reactor: Any = None) -> None:
 class GatewayService(MultiService):
     """The bus, any in-process workers and the WebSocket listener, started in that order.
 
-    `handlers` are the in-process handlers the options resolved (GatewayOptions.registry).
+    `handlers` are the in-process handlers the options resolved (GatewayOptions.registry);
+    `checker` verifies the handshakes' tokens (GatewayOptions.checker; None: no keys, every
+    handshake is admitted).
     """
 
     def __init__(self, config: GatewayConfig, handlers: dict[str, IRequestHandler],
-                 reactor: Any = None) -> None:
+                 reactor: Any = None, checker: JWTChecker | None = None) -> None:
         super().__init__()
         reactor = reactor or _defaultReactor()
         self.config = config
@@ -98,7 +102,9 @@ class GatewayService(MultiService):
                 self.workers.append((runtime, workerBus))
         self.bus = bus
         self.table = CorrelationTable(bus, reactor, config.limits, config.gatewayId)
-        self.factory = GatewayFactory(config, self.table, reactor)
+        authenticator = (None if checker is None else
+                         Authenticator(checker, config.allowAnonymous, config.jwt.leewayS))
+        self.factory = GatewayFactory(config, self.table, reactor, authenticator)
         metrics = MetricsResource(gatewayRegistry(
             GatewayCollector(self.table, self.factory, bus, reactor)))
         self.site = makeSite(self.factory, bus, lambda: self.draining, metrics)

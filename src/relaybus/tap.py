@@ -8,7 +8,7 @@ from relaybus.service import GatewayService, exitZeroOnSigterm
 
 def makeService(options: Options) -> IService:
     exitZeroOnSigterm()
-    return GatewayService(options.config, options.registry)
+    return GatewayService(options.config, options.registry, checker=options.checker)
 
 
 __all__ = ["Options", "makeService"]

@@ -21,6 +21,7 @@ from zope.interface import implementer
 from relaybus.config import Limits
 from relaybus.errors import RelaybusError
 from relaybus.frames import ClientFrames
+from relaybus.identity import Principal
 from relaybus.interfaces import (
     IClientConnection,
     IReplyReceiver,
@@ -48,6 +49,7 @@ class FakeClientConnection:
     connectionId: str = "connection-1"
     frames: list[dict[str, Any]] = attrs.field(factory=list)
     maxMessageBytes: int = Limits().maxMessageBytes
+    principal: Principal | None = None
 
     def sendChunk(self, requestId: str, seq: int, data: Any) -> None:
         self._record(ClientFrames(self.maxMessageBytes).chunk(requestId, seq, data))

@@ -12,6 +12,7 @@ from twisted.internet.task import Clock
 from unitsupport import assertNoResult, errorCode, failureResultOf, successResultOf
 
 from relaybus.client import LOCAL_TIMEOUT_GRACE_S, RelaybusClient
+from relaybus.errors import RelaybusError
 
 
 class FakeProtocol:
@@ -160,6 +161,19 @@ def test_closed_before_hello_fails_ready(clock: Clock) -> None:
     client = RelaybusClient(clock)
     client.connectionClosed(1002, "protocol error")
     assert errorCode(client.whenReady) == "disconnected"
+
+
+def test_a_401_at_the_handshake_fails_ready_with_unauthorized(clock: Clock) -> None:
+    client = RelaybusClient(clock)
+    client.connectionClosed(1006, 'connection was closed uncleanly ("WebSocket connection '
+                                  'upgrade failed [401]: token expired")')
+    error = failureResultOf(client.whenReady, RelaybusError).value
+    assert (error.code, error.message) == ("unauthorized", "token expired")
+    other = RelaybusClient(clock)
+    other.connectionClosed(1006, 'connection was closed uncleanly ("WebSocket connection '
+                                 'upgrade failed [503]: the gateway is at its limit")')
+    error = failureResultOf(other.whenReady, RelaybusError).value
+    assert error.code == "disconnected" and "HTTP 503" in error.message
 
 
 def test_log_sends_a_client_log_frame(

@@ -516,7 +516,10 @@ def test_hello_frame() -> None:
     limits = {"maxMessageBytes": 10, "maxInFlight": 2, "defaultTimeoutMs": 3,
               "maxTimeoutMs": 4}
     assert decodeJSON(helloFrame("conn-1", limits)) == {
-        "type": "hello", "connectionId": "conn-1", "protocol": 1, "limits": limits}
+        "type": "hello", "connectionId": "conn-1", "protocol": 1, "limits": limits,
+        "principal": None}
+    assert decodeJSON(helloFrame("conn-1", limits, {"sub": "alice", "expiresAt": 5}))[
+        "principal"] == {"sub": "alice", "expiresAt": 5}
 
 
 def test_chunk_frame() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import txaio
+from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -305,7 +306,9 @@ def test_connections_over_the_cap_are_refused_with_503_until_one_closes(clock: C
 def test_handshakes_in_progress_count_toward_the_cap(clock: Clock) -> None:
     gw = Gateway(clock, maxConnections=1)
     halfway = Client(gw.factory)
-    halfway.protocol.onConnect(None)  # type: ignore[arg-type]  # admitted, not yet open
+    halfway.protocol.onConnect(ConnectionRequest(  # admitted, not yet open
+        peer="tcp:127.0.0.1:50000", headers={}, host="127.0.0.1:8080", path="/ws", params={},
+        version=13, origin=None, protocols=[], extensions=[]))
     refused = Client(gw.factory)
     assert refused.handshake().startswith(b"HTTP/1.1 503 ")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import types
+from typing import Any
 
 import pytest
 from twisted.python.usage import UsageError
@@ -12,6 +13,7 @@ from relaybus import options as optionsModule
 from relaybus.amqp.topology import Topology
 from relaybus.config import GatewayConfig, Limits, WorkerConfig
 from relaybus.handlers import registerHandlers
+from relaybus.identity import JWTSettings
 from relaybus.options import GatewayOptions, WorkerOptions
 from relaybus.testing import FakeRequestHandler
 
@@ -317,3 +319,67 @@ def test_worker_from_environment_reads_its_scalar_options() -> None:
                                  "RELAYBUS_CONCURRENCY": "4"})
     with pytest.raises(UsageError, match="broker"):
         WorkerOptions.fromEnvironment({"RELAYBUS_CONCURRENCY": "4"})
+
+
+# Who may connect: the JWT options
+
+
+def secretFile(tmp_path: Any, data: bytes = b"k" * 40) -> str:
+    path = tmp_path / "secret"
+    path.write_bytes(data)
+    return str(path)
+
+
+def test_no_jwt_key_means_no_checker() -> None:
+    options = GatewayOptions()
+    options.parseOptions([])
+    assert options.checker is None
+    assert not options.config.jwt.configured and options.config.allowAnonymous is False
+
+
+def test_jwt_options_load_the_checker_once(tmp_path: Any) -> None:
+    options = GatewayOptions()
+    options.parseOptions(["--jwt-secret-file", secretFile(tmp_path), "--jwt-audience", "rb",
+                          "--jwt-issuer", "https://idp", "--jwt-leeway", "5",
+                          "--jwt-algorithms", "HS256", "--allow-anonymous"])
+    assert options.checker is not None
+    assert options.config.jwt == JWTSettings(secretFile=secretFile(tmp_path), audience="rb",
+                                             issuer="https://idp", leewayS=5.0,
+                                             algorithms=("HS256",))
+    assert options.config.allowAnonymous is True
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--allow-anonymous"], "--allow-anonymous needs a JWT key"),
+    (["--jwt-secret-file", "/nonexistent/secret"], "cannot read"),
+    (["--jwt-algorithms", "none"], "'none' is never accepted"),
+    (["--jwt-algorithms", "HS256,RS256"], "must not mix"),
+    (["--jwt-leeway", "-1"], "0 or more"),
+])
+def test_jwt_mistakes_are_usage_errors(tmp_path: Any, argv: list[str], message: str) -> None:
+    if argv[0] == "--jwt-algorithms":
+        argv = ["--jwt-secret-file", secretFile(tmp_path), *argv]
+    if argv[0] == "--jwt-leeway":
+        argv = ["--jwt-secret-file", secretFile(tmp_path), *argv]
+    with pytest.raises(UsageError, match=message):
+        GatewayOptions().parseOptions(argv)
+
+
+def test_a_short_secret_is_refused_without_showing_it(tmp_path: Any) -> None:
+    with pytest.raises(UsageError) as raised:
+        GatewayOptions().parseOptions(["--jwt-secret-file",
+                                       secretFile(tmp_path, b"hunter2hunter2")])
+    assert "hunter2" not in str(raised.value)
+
+
+def test_from_environment_reads_the_jwt_options_and_flags(tmp_path: Any) -> None:
+    options = GatewayOptions.fromEnvironment({
+        "RELAYBUS_JWT_SECRET_FILE": secretFile(tmp_path), "RELAYBUS_JWT_AUDIENCE": "rb",
+        "RELAYBUS_ALLOW_ANONYMOUS": "true"})
+    assert options.checker is not None
+    assert options.config.jwt.audience == "rb" and options.config.allowAnonymous is True
+    unset = GatewayOptions.fromEnvironment({"RELAYBUS_JWT_SECRET_FILE": secretFile(tmp_path),
+                                            "RELAYBUS_ALLOW_ANONYMOUS": "0"})
+    assert unset.config.allowAnonymous is False
+    with pytest.raises(UsageError, match="RELAYBUS_ALLOW_ANONYMOUS"):
+        GatewayOptions.fromEnvironment({"RELAYBUS_ALLOW_ANONYMOUS": "maybe"})

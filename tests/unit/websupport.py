@@ -73,12 +73,14 @@ class Client:
         self.protocol.makeConnection(self.transport)
         self.read = 0
 
-    def handshake(self) -> bytes:
+    def handshake(self, path: bytes = b"/ws", headers: dict[str, str] | None = None) -> bytes:
         key = base64.b64encode(os.urandom(16))
+        extra = b"".join(f"{name}: {value}\r\n".encode() for name, value in
+                         (headers or {}).items())
         self.protocol.dataReceived(
-            b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUpgrade: websocket\r\n"
+            b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUpgrade: websocket\r\n"
             b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key + b"\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n")
+            b"Sec-WebSocket-Version: 13\r\n" + extra + b"\r\n")
         written = self.transport.value()
         head, _, _rest = written.partition(b"\r\n\r\n")
         self.read = len(head) + 4

@@ -18,6 +18,7 @@ export const ErrorCode = Object.freeze({
   HANDLER_ERROR: "handler_error",
   WORKER_LOST: "worker_lost",
   SHUTTING_DOWN: "shutting_down",
+  UNAUTHORIZED: "unauthorized",
   DISCONNECTED: "disconnected",
 });
 
