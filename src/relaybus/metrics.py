@@ -56,6 +56,19 @@ class GatewayCollector:
         yield CounterMetricFamily("relaybus_slow_clients_closed",
                                   "Connections closed (1008) for leaving too much unread.",
                                   value=factory.slowClientsClosed)
+        refused = CounterMetricFamily(
+            "relaybus_handshakes_refused",
+            "WebSocket handshakes refused before they opened, by reason (unauthorized: 401).",
+            labels=["reason"])
+        for reason, count in sorted(factory.handshakesRefused.items()):
+            refused.add_metric([reason], count)
+        yield refused
+        yield CounterMetricFamily("relaybus_tokens_expired",
+                                  "Connections closed (4401) when their token expired.",
+                                  value=factory.tokensExpired)
+        yield CounterMetricFamily("relaybus_token_refreshes_refused",
+                                  "In-band auth refreshes answered unauthorized.",
+                                  value=factory.refreshesRefused)
         yield GaugeMetricFamily("relaybus_broker_ready", "1 while requests can be published.",
                                 value=1 if self._bus.isReady() else 0)
         yield GaugeMetricFamily("relaybus_reactor_delayed_calls",

@@ -92,6 +92,8 @@ def test_no_token_gets_401(secured: Any, connect: Any) -> None:
     response = refused(connect, secured)
     assert (response.status_code, response.reason_phrase) == (401, "a bearer token is required")
     stillServed(secured)
+    metrics = secured.gateway.metrics()
+    assert metrics['relaybus_handshakes_refused_total{reason="unauthorized"}'] == 1
 
 
 def test_hs256_signed_with_the_public_key_as_secret_is_refused(

@@ -89,6 +89,8 @@ def test_metrics_report_the_live_state() -> None:
     gw.table.ended.update({"response": 5, "timeout": 2})
     gw.table.lateReplies = 3
     gw.factory.slowClientsClosed = 1
+    gw.factory.handshakesRefused["unauthorized"] = 4
+    gw.factory.tokensExpired = 2
     status, body, contentType = gw.get(b"/metrics")
     assert status == 200 and contentType is not None and contentType.startswith(b"text/plain")
     text = body.decode()
@@ -98,6 +100,9 @@ def test_metrics_report_the_live_state() -> None:
                  'relaybus_requests_ended_total{outcome="timeout"} 2.0',
                  "relaybus_late_replies_total 3.0", "relaybus_slow_clients_closed_total 1.0",
                  "relaybus_client_log_entries_dropped_total 0.0", "relaybus_broker_ready 1.0",
-                 "relaybus_reactor_delayed_calls 0.0"]:
+                 "relaybus_reactor_delayed_calls 0.0",
+                 'relaybus_handshakes_refused_total{reason="unauthorized"} 4.0',
+                 "relaybus_tokens_expired_total 2.0",
+                 "relaybus_token_refreshes_refused_total 0.0"]:
         assert line in text.splitlines(), line
     assert "process_resident_memory_bytes" in text
