@@ -11,9 +11,8 @@ from typing import Any
 
 import jwt
 import pytest
-import txaio
 from twisted.internet.task import Clock
-from websupport import OPCODE_CLOSE, Client
+from websupport import OPCODE_CLOSE, Client, autobahnOn
 
 from relaybus.admission import Authenticator
 from relaybus.config import GatewayConfig, Limits
@@ -29,15 +28,8 @@ LEEWAY_S = 30
 
 @pytest.fixture
 def clock() -> Iterator[Clock]:
-    clock = Clock()
-    clock.advance(NOW)
-    txaio.use_twisted()
-    previous = txaio.config.loop
-    txaio.config.loop = clock
-    try:
+    with autobahnOn(NOW) as clock:
         yield clock
-    finally:
-        txaio.config.loop = previous
 
 
 def token(sub: str = "alice", exp: int = NOW + 600, key: bytes = SECRET) -> str:

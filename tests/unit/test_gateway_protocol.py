@@ -12,12 +12,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import txaio
 from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
-from websupport import OPCODE_BINARY, OPCODE_CLOSE, OPCODE_TEXT, Client
+from websupport import OPCODE_BINARY, OPCODE_CLOSE, OPCODE_TEXT, Client, autobahnOn
 from workers.examples import EchoHandler
 
 from relaybus.config import GatewayConfig, Limits
@@ -33,15 +32,8 @@ LIMITS = Limits(maxMessageBytes=4096, maxInFlight=5, defaultTimeoutMs=2000, maxT
 
 @pytest.fixture
 def clock() -> Iterator[Clock]:
-    clock = Clock()
-    clock.advance(1_764_000_000)
-    txaio.use_twisted()
-    previous = txaio.config.loop
-    txaio.config.loop = clock
-    try:
+    with autobahnOn(1_764_000_000) as clock:
         yield clock
-    finally:
-        txaio.config.loop = previous
 
 
 class Gateway:

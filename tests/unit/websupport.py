@@ -4,20 +4,41 @@ real GatewayProtocol and Site through a StringTransport / DummyRequest, with no 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import struct
+from collections.abc import Iterator
 from typing import Any
 
+import txaio
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.resource import getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.test.requesthelper import DummyRequest
 
 from relaybus.gateway import GatewayFactory, GatewayProtocol
+
+START = 1_764_000_000
+
+
+@contextlib.contextmanager
+def autobahnOn(start: float = START) -> Iterator[Clock]:
+    """A Clock at `start` that is also txaio's loop (Autobahn's timers use txaio's), restored
+    afterwards: the clock fixture of the gateway's edge tests."""
+    clock = Clock()
+    clock.advance(start)
+    txaio.use_twisted()
+    previous = txaio.config.loop
+    txaio.config.loop = clock
+    try:
+        yield clock
+    finally:
+        txaio.config.loop = previous
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 OPCODE_TEXT, OPCODE_BINARY, OPCODE_CLOSE = 0x1, 0x2, 0x8
