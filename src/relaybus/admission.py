@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fnmatch
 import http.cookies
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import attrs
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.cred.credentials import Anonymous
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
@@ -44,6 +46,59 @@ _SECRETS_IN_TEXT = re.compile(
     r"(?i)(access_token=)[^&\s\"']*"
     r"|(" + re.escape(BEARER_SUBPROTOCOL_PREFIX) + r")[A-Za-z0-9_-]*"
     r"|(bearer\s+)[A-Za-z0-9._~+/=-]+")
+
+
+FORBIDDEN_STATUS = 403
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+@attrs.frozen
+class OriginPolicy:
+    """Which browsers' pages may open a WebSocket here (against cross-site WebSocket
+    hijacking) and under which Host names (against DNS rebinding).
+
+    A handshake without an Origin header (not a browser) and a same-origin page (the Origin's
+    host and port are the Host header's) are always admitted; `allowedOrigins` are
+    case-insensitive fnmatch patterns for the others (`*` opens it to every origin, `null`
+    included). `allowedHosts`, when set, are the only Host names (without port) served.
+    """
+
+    allowedOrigins: tuple[str, ...] = ()
+    allowedHosts: tuple[str, ...] = ()
+
+    def refusal(self, request: ConnectionRequest) -> tuple[str, str] | None:
+        """(the metric's reason, the 403's status text), or None to go on."""
+        # The Host header as sent: Autobahn's request.host has its port cut off.
+        host = (request.headers.get("host") or request.host or "").strip().lower()
+        if self.allowedHosts and _hostname(host) not in {h.lower() for h in self.allowedHosts}:
+            return "host", "this Host is not served"
+        origin = request.origin  # Autobahn: "" when the handshake has no Origin header
+        if not origin or _sameOrigin(origin, host):
+            return None
+        if any(fnmatch.fnmatchcase(origin.lower(), pattern.lower())
+               for pattern in self.allowedOrigins):
+            return None
+        return "origin", "this Origin is not allowed"
+
+
+def _hostname(hostAndPort: str) -> str:
+    if hostAndPort.startswith("["):  # [::1]:8080
+        return hostAndPort[:hostAndPort.find("]") + 1]
+    return hostAndPort.rsplit(":", 1)[0] if hostAndPort.count(":") == 1 else hostAndPort
+
+
+def _withPort(hostAndPort: str, scheme: str) -> str:
+    if re.search(r":\d+\Z", hostAndPort) and not hostAndPort.endswith("]"):
+        return hostAndPort
+    return f"{hostAndPort}:{_DEFAULT_PORTS.get(scheme, 0)}"
+
+
+def _sameOrigin(origin: str, host: str) -> bool:
+    """The page's scheme://host:port names this gateway's Host (default ports filled in)."""
+    scheme, separator, rest = origin.lower().partition("://")
+    if not separator or scheme not in ("http", "https") or not host or "/" in rest:
+        return False
+    return _withPort(rest, scheme) in (_withPort(host, "http"), _withPort(host, "https"))
 
 
 class MalformedCredentials(Exception):

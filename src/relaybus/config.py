@@ -56,6 +56,11 @@ class GatewayConfig:
     # Who may connect: with a key configured, a handshake needs a valid token (HTTP 401).
     jwt: JWTSettings = attrs.field(factory=JWTSettings)
     allowAnonymous: bool = False  # with a key: admit handshakes without a token as "anonymous"
+    jwtCookie: str | None = None  # a cookie that may carry the token (same-origin web apps)
+    # Which pages may connect (beside same-origin ones and non-browser clients), and under
+    # which Host names; anything else gets HTTP 403.
+    allowedOrigins: tuple[str, ...] = ()
+    allowedHosts: tuple[str, ...] = ()
 
     @property
     def inMemory(self) -> bool:

@@ -28,8 +28,10 @@ from zope.interface import implementer
 
 from relaybus.admission import (
     CLOSE_TOKEN_EXPIRED,
+    FORBIDDEN_STATUS,
     UNAUTHORIZED_STATUS,
     Authenticator,
+    OriginPolicy,
     chosenSubprotocol,
     redactingLogFormatter,
 )
@@ -111,6 +113,11 @@ class GatewayProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(503, "the gateway is at its connection limit")
         factory.admitted += 1
         self._admitted = True
+        refusal = factory.originPolicy.refusal(request)
+        if refusal is not None:
+            reason, statusText = refusal
+            factory.handshakesRefused[reason] += 1
+            raise ConnectionDeny(FORBIDDEN_STATUS, statusText)
         subprotocol = chosenSubprotocol(request.protocols)
         if factory.authenticator is None:
             return subprotocol
@@ -336,6 +343,7 @@ class GatewayFactory(WebSocketServerFactory):
         self.table = table
         self.clock = clock
         self.authenticator = authenticator  # None: every handshake is admitted (no keys)
+        self.originPolicy = OriginPolicy(config.allowedOrigins, config.allowedHosts)
         self.handshakesRefused: collections.Counter[str] = collections.Counter()  # by reason
         self.tokensExpired = 0
         self.refreshesRefused = 0

@@ -138,7 +138,7 @@ class GatewayOptions(_EnvironmentOptions):
     synopsis = "[options]"
     longdesc = ("Run the relaybus WebSocket gateway. Without --broker it runs an embedded "
                 "in-process bus with the example workers.")
-    repeatable = ("handlers",)
+    repeatable = ("handlers", "allowed-origin", "allowed-host")
     optParameters = [
         ["listen", "l", "tcp:8080:interface=127.0.0.1", "Endpoint to listen on (strports)."],
         ["broker", "b", "memory", "'memory' (embedded bus) or an amqp:// or amqps:// URL."],
@@ -181,6 +181,8 @@ class GatewayOptions(_EnvironmentOptions):
          "Comma-separated allow-list of JWT algorithms (default: from the key type)."],
         ["jwt-audience", None, None, "Required `aud` of clients' JWTs."],
         ["jwt-issuer", None, None, "Required `iss` of clients' JWTs."],
+        ["jwt-cookie", None, None, "Name of a cookie that may carry the JWT (needs an explicit "
+         "--allowed-origin list: cross-site WebSocket hijacking)."],
         ["jwt-leeway", None, _GATEWAY.jwt.leewayS,
          "Seconds of clock skew allowed on a JWT's exp and nbf.", _nonNegativeFloat],
     ]
@@ -192,11 +194,22 @@ class GatewayOptions(_EnvironmentOptions):
     def __init__(self) -> None:
         super().__init__()
         self["handlers"] = []
+        self["allowed-origin"] = []
+        self["allowed-host"] = []
 
     def opt_handlers(self, module: str) -> None:
         """Dotted module whose handlers run in this process (repeatable). Default with the
         embedded bus: workers.examples."""
         self["handlers"].append(module)
+
+    def opt_allowed_origin(self, pattern: str) -> None:
+        """Origin (scheme://host[:port], fnmatch pattern) whose pages may connect, beside
+        same-origin pages and clients that send no Origin (repeatable; '*' allows all)."""
+        self["allowed-origin"].append(pattern)
+
+    def opt_allowed_host(self, name: str) -> None:
+        """Host name the gateway serves (repeatable); others get 403 (DNS rebinding)."""
+        self["allowed-host"].append(name)
 
     def postOptions(self) -> None:
         _checkBroker(self["broker"])
@@ -221,7 +234,16 @@ class GatewayOptions(_EnvironmentOptions):
                 jwksFile=self["jwks-file"], algorithms=_commaList(self["jwt-algorithms"]),
                 audience=self["jwt-audience"], issuer=self["jwt-issuer"],
                 leewayS=self["jwt-leeway"]),
-            allowAnonymous=bool(self["allow-anonymous"]))
+            allowAnonymous=bool(self["allow-anonymous"]), jwtCookie=self["jwt-cookie"],
+            allowedOrigins=tuple(self["allowed-origin"]),
+            allowedHosts=tuple(self["allowed-host"]))
+        if self.config.jwtCookie is not None and not [
+                o for o in self.config.allowedOrigins if o != "*"]:
+            raise usage.UsageError("--jwt-cookie needs an explicit --allowed-origin list (not "
+                                   "only '*'): a cookie rides along with every cross-site "
+                                   "WebSocket handshake")
+        if self.config.jwtCookie is not None and not self.config.jwt.configured:
+            raise usage.UsageError("--jwt-cookie needs a JWT key")
         self.registry = _resolveHandlers(self.config.inProcessHandlers)
         self.checker = _loadChecker(self.config)
         _checkName("--gateway-id", self.config.gatewayId)

@@ -103,7 +103,8 @@ class GatewayService(MultiService):
         self.bus = bus
         self.table = CorrelationTable(bus, reactor, config.limits, config.gatewayId)
         authenticator = (None if checker is None else
-                         Authenticator(checker, config.allowAnonymous, config.jwt.leewayS))
+                         Authenticator(checker, config.allowAnonymous, config.jwt.leewayS,
+                                       config.jwtCookie))
         self.factory = GatewayFactory(config, self.table, reactor, authenticator)
         metrics = MetricsResource(gatewayRegistry(
             GatewayCollector(self.table, self.factory, bus, reactor)))

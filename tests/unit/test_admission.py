@@ -13,6 +13,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from relaybus.admission import (
     BEARER_SUBPROTOCOL_PREFIX,
     MalformedCredentials,
+    OriginPolicy,
     chosenSubprotocol,
     presentedToken,
     redactingLogFormatter,
@@ -122,3 +123,54 @@ def test_the_access_log_line_carries_no_token() -> None:
     line = redactingLogFormatter("[02/Dec/2026:18:00:00 +0000]", request)
     assert TOKEN not in line
     assert '"GET /ws?access_token=[redacted] HTTP/1.1" 401' in line
+
+
+# Origin and Host
+
+
+def originHandshake(origin: str, host: str = "gw.example:8080") -> ConnectionRequest:
+    return ConnectionRequest(peer="tcp:127.0.0.1:5000", headers={"host": host},
+                             host=host.rsplit(":", 1)[0], path="/ws",
+                             params={}, version=13, origin=origin, protocols=[],
+                             extensions=[])
+
+
+@pytest.mark.parametrize(("origin", "host"), [
+    ("", "gw.example:8080"),  # no Origin header: not a browser
+    ("http://gw.example:8080", "gw.example:8080"),
+    ("https://GW.example:8080", "gw.example:8080"),
+    ("https://gw.example", "gw.example"),  # default port on both sides
+    ("https://gw.example:443", "gw.example"),
+    ("http://[::1]:8080", "[::1]:8080"),
+])
+def test_no_origin_and_same_origin_are_always_admitted(origin: str, host: str) -> None:
+    assert OriginPolicy().refusal(originHandshake(origin, host)) is None
+
+
+@pytest.mark.parametrize("origin", [
+    "null", "https://evil.example", "http://gw.example:8081", "https://gw.example.evil.io:8080",
+    "file://", "http://gw.example:8080/path", "chrome-extension://abc",
+])
+def test_any_other_origin_is_refused(origin: str) -> None:
+    assert OriginPolicy().refusal(originHandshake(origin)) == (
+        "origin", "this Origin is not allowed")
+
+
+def test_allowed_origins_are_case_insensitive_patterns() -> None:
+    policy = OriginPolicy(allowedOrigins=("https://*.app.example", "http://localhost:*"))
+    assert policy.refusal(originHandshake("https://web.app.example")) is None
+    assert policy.refusal(originHandshake("HTTPS://Web.App.Example")) is None
+    assert policy.refusal(originHandshake("http://localhost:3000")) is None
+    assert policy.refusal(originHandshake("https://app.example.evil.io")) is not None
+    assert policy.refusal(originHandshake("null")) is not None
+    assert OriginPolicy(allowedOrigins=("*",)).refusal(originHandshake("null")) is None
+
+
+def test_allowed_hosts_restrict_the_host_header_whatever_the_origin() -> None:
+    policy = OriginPolicy(allowedHosts=("gw.example",))
+    assert policy.refusal(originHandshake("", "gw.example:8080")) is None
+    assert policy.refusal(originHandshake("", "GW.EXAMPLE")) is None
+    assert policy.refusal(originHandshake("", "rebound.attacker.example:8080")) == (
+        "host", "this Host is not served")
+    assert policy.refusal(originHandshake("http://127.0.0.1:8080", "127.0.0.1:8080")) == (
+        "host", "this Host is not served")

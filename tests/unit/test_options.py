@@ -383,3 +383,27 @@ def test_from_environment_reads_the_jwt_options_and_flags(tmp_path: Any) -> None
     assert unset.config.allowAnonymous is False
     with pytest.raises(UsageError, match="RELAYBUS_ALLOW_ANONYMOUS"):
         GatewayOptions.fromEnvironment({"RELAYBUS_ALLOW_ANONYMOUS": "maybe"})
+
+
+def test_origin_and_host_options_repeat(tmp_path: Any) -> None:
+    config = gateway("--allowed-origin", "https://a.example", "--allowed-origin", "http://b:*",
+                     "--allowed-host", "gw.example")
+    assert config.allowedOrigins == ("https://a.example", "http://b:*")
+    assert config.allowedHosts == ("gw.example",)
+    fromEnv = GatewayOptions.fromEnvironment({
+        "RELAYBUS_ALLOWED_ORIGIN": "https://a.example, http://b:*",
+        "RELAYBUS_ALLOWED_HOST": "gw.example"}).config
+    assert (fromEnv.allowedOrigins, fromEnv.allowedHosts) == (config.allowedOrigins,
+                                                             config.allowedHosts)
+
+
+@pytest.mark.parametrize("origins", [[], ["--allowed-origin", "*"]])
+def test_a_cookie_token_needs_an_explicit_origin_list(tmp_path: Any,
+                                                      origins: list[str]) -> None:
+    with pytest.raises(UsageError, match="--jwt-cookie needs an explicit --allowed-origin"):
+        GatewayOptions().parseOptions(["--jwt-secret-file", secretFile(tmp_path),
+                                       "--jwt-cookie", "rb", *origins])
+    options = GatewayOptions()
+    options.parseOptions(["--jwt-secret-file", secretFile(tmp_path), "--jwt-cookie", "rb",
+                          "--allowed-origin", "https://app.example"])
+    assert options.config.jwtCookie == "rb"
