@@ -4,9 +4,11 @@
 from twisted.application.service import Application
 
 from relaybus.options import GatewayOptions
-from relaybus.service import GatewayService, exitZeroOnSigterm
+from relaybus.service import GatewayService, exitZeroOnSigterm, reloadOnSighup
 
-exitZeroOnSigterm()
-application = Application("relaybus")
 options = GatewayOptions.fromEnvironment()
-GatewayService(options.config, options.registry, checker=options.checker).setServiceParent(application)
+exitZeroOnSigterm()
+reloadOnSighup(options.authorizer)
+application = Application("relaybus")
+GatewayService(options.config, options.registry, checker=options.checker,
+               authorizer=options.authorizer).setServiceParent(application)

@@ -61,6 +61,11 @@ class GatewayConfig:
     # which Host names; anything else gets HTTP 403.
     allowedOrigins: tuple[str, ...] = ()
     allowedHosts: tuple[str, ...] = ()
+    # What a principal may call (a JSON policy file; None: everything), where its roles are,
+    # and which verified claims workers see.
+    authzPolicy: str | None = None
+    rolesClaim: str = "roles"
+    forwardClaims: tuple[str, ...] = ("sub", "roles")
 
     @property
     def inMemory(self) -> bool:

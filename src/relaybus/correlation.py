@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relaybus.authorization import Authorizer
 from relaybus.config import Limits
 from relaybus.errors import WORKER_ERROR_CODES, ErrorCode, RelaybusError
 from relaybus.frames import RequestFrame
@@ -27,6 +28,9 @@ from relaybus.messages import CancelNotice, ReplyKind, ReplyMessage, RequestMess
 from relaybus.strictjson import decodeJSON, encodeJSON
 
 log = Logger(namespace="relaybus.correlation")
+
+
+DEFAULT_FORWARD_CLAIMS = ("sub", "roles")
 
 
 def newCorrelationId() -> str:
@@ -51,11 +55,16 @@ class CorrelationTable:
     """Routes replies from the bus to the connection that asked, and ends every request once."""
 
     def __init__(self, bus: IRequestBus, clock: IReactorTime, limits: Limits,
-                 gatewayId: str) -> None:
+                 gatewayId: str, authorizer: Authorizer | None = None,
+                 forwardClaims: tuple[str, ...] = DEFAULT_FORWARD_CLAIMS) -> None:
+        """`authorizer` decides which requestTypes a connection's principal may call (None:
+        all); `forwardClaims` are the verified claims workers see (relaybus-claims)."""
         self._bus = bus
         self._clock = clock
         self._limits = limits
         self._gatewayId = gatewayId
+        self._authorizer = authorizer
+        self._forwardClaims = forwardClaims
         self._pending: dict[str, PendingRequest] = {}
         self._byConnection: dict[str, dict[str, PendingRequest]] = {}
         self._accepting = True
@@ -63,6 +72,7 @@ class CorrelationTable:
         self.lateReplies = 0
         self.accepted = 0
         self.ended: collections.Counter[str] = collections.Counter()  # by outcome
+        self.refused: collections.Counter[str] = collections.Counter()  # by code, never accepted
         bus.listen(self)
 
     def __len__(self) -> int:
@@ -90,6 +100,7 @@ class CorrelationTable:
             except ValueError as e:
                 refusal = RelaybusError(ErrorCode.BAD_REQUEST, f"payload: {e}")
         if refusal is not None:
+            self.refused[str(refusal.code)] += 1
             connection.sendError(frame.requestId, refusal)
             return None
 
@@ -118,9 +129,18 @@ class CorrelationTable:
             deadline=entry.deadline,
             gatewayId=self._gatewayId,
             principal=connection.principal.sub if connection.principal is not None else None,
+            claims=self._claimsFor(connection),
         )
         maybeDeferred(self._bus.publishRequest, message).addErrback(self._publishFailed, entry)
         return entry.outcome
+
+    def _claimsFor(self, connection: IClientConnection) -> bytes | None:
+        """The verified claims workers may see, as JSON; None without a principal."""
+        principal = connection.principal
+        if principal is None:
+            return None
+        return encodeJSON({name: principal.claims[name] for name in self._forwardClaims
+                           if name in principal.claims})
 
     def _refusal(self, connection: IClientConnection, frame: RequestFrame) -> RelaybusError | None:
         if not self._accepting:
@@ -128,6 +148,11 @@ class CorrelationTable:
         if frame.requestId in self._byConnection.get(connection.connectionId, ()):
             return RelaybusError(ErrorCode.DUPLICATE_REQUEST_ID,
                                  "a request with this requestId is still in flight")
+        principal = connection.principal
+        if (self._authorizer is not None and principal is not None
+                and not self._authorizer.allows(principal, frame.requestType)):
+            return RelaybusError(ErrorCode.FORBIDDEN,
+                                 f"{principal.sub!r} may not call {frame.requestType!r}")
         if frame.timeoutMs is not None and frame.timeoutMs > self._limits.maxTimeoutMs:
             return RelaybusError(ErrorCode.BAD_REQUEST,
                                  f"timeoutMs must be at most {self._limits.maxTimeoutMs}")

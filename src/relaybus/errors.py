@@ -22,6 +22,7 @@ class ErrorCode(enum.StrEnum):
     WORKER_LOST = "worker_lost"
     SHUTTING_DOWN = "shutting_down"
     UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
 
 
 # Codes a worker may put in an `error` reply; anything else is reported as handler_error.

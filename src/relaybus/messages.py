@@ -28,6 +28,7 @@ class RequestMessage:
     deadline: float  # seconds since the epoch; the gateway gives up then
     gatewayId: str = ""
     principal: str | None = None
+    claims: bytes | None = None  # JSON object: the verified claims the gateway forwards
 
 
 @attrs.frozen

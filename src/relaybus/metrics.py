@@ -56,6 +56,14 @@ class GatewayCollector:
         yield CounterMetricFamily("relaybus_slow_clients_closed",
                                   "Connections closed (1008) for leaving too much unread.",
                                   value=factory.slowClientsClosed)
+        requestsRefused = CounterMetricFamily(
+            "relaybus_requests_refused",
+            "Requests answered with an error at once, never accepted, by code (forbidden: "
+            "outside the authorization policy; overloaded; unavailable; ...).",
+            labels=["code"])
+        for code, count in sorted(table.refused.items()):
+            requestsRefused.add_metric([code], count)
+        yield requestsRefused
         refused = CounterMetricFamily(
             "relaybus_handshakes_refused",
             "WebSocket handshakes refused before they opened, by reason (unauthorized: 401).",

@@ -10,6 +10,7 @@ from typing import Any
 from twisted.python import usage
 
 from relaybus.amqp.link import validateBrokerURL
+from relaybus.authorization import Authorizer
 from relaybus.config import GatewayConfig, Limits, WorkerConfig, newGatewayId
 from relaybus.handlers import registerHandlers
 from relaybus.identity import JWTChecker, JWTSettings, loadChecker
@@ -101,6 +102,17 @@ def _loadChecker(config: GatewayConfig) -> JWTChecker | None:
         raise usage.UsageError(str(e)) from None
 
 
+def _loadAuthorizer(config: GatewayConfig) -> Authorizer | None:
+    if config.authzPolicy is None:
+        return None
+    if not config.jwt.configured:
+        raise usage.UsageError("--authz-policy needs a JWT key: without one, nobody is known")
+    try:
+        return Authorizer(config.authzPolicy, config.rolesClaim)
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None
+
+
 class _EnvironmentOptions(usage.Options):
     registry: dict[str, IRequestHandler]  # the handlers this process runs, by requestType
 
@@ -183,6 +195,12 @@ class GatewayOptions(_EnvironmentOptions):
         ["jwt-issuer", None, None, "Required `iss` of clients' JWTs."],
         ["jwt-cookie", None, None, "Name of a cookie that may carry the JWT (needs an explicit "
          "--allowed-origin list: cross-site WebSocket hijacking)."],
+        ["authz-policy", None, None, "JSON file: the requestType patterns each role may call "
+         "(re-read on SIGHUP)."],
+        ["roles-claim", None, _GATEWAY.rolesClaim, "The JWT claim that lists a principal's "
+         "roles."],
+        ["forward-claims", None, ",".join(_GATEWAY.forwardClaims),
+         "Comma-separated JWT claims workers see in the relaybus-claims header."],
         ["jwt-leeway", None, _GATEWAY.jwt.leewayS,
          "Seconds of clock skew allowed on a JWT's exp and nbf.", _nonNegativeFloat],
     ]
@@ -236,7 +254,9 @@ class GatewayOptions(_EnvironmentOptions):
                 leewayS=self["jwt-leeway"]),
             allowAnonymous=bool(self["allow-anonymous"]), jwtCookie=self["jwt-cookie"],
             allowedOrigins=tuple(self["allowed-origin"]),
-            allowedHosts=tuple(self["allowed-host"]))
+            allowedHosts=tuple(self["allowed-host"]),
+            authzPolicy=self["authz-policy"], rolesClaim=self["roles-claim"],
+            forwardClaims=_commaList(self["forward-claims"]))
         if self.config.jwtCookie is not None and not [
                 o for o in self.config.allowedOrigins if o != "*"]:
             raise usage.UsageError("--jwt-cookie needs an explicit --allowed-origin list (not "
@@ -246,6 +266,7 @@ class GatewayOptions(_EnvironmentOptions):
             raise usage.UsageError("--jwt-cookie needs a JWT key")
         self.registry = _resolveHandlers(self.config.inProcessHandlers)
         self.checker = _loadChecker(self.config)
+        self.authorizer = _loadAuthorizer(self.config)
         _checkName("--gateway-id", self.config.gatewayId)
         _checkName("--amqp-prefix", self.config.amqpPrefix)
 

@@ -21,6 +21,7 @@ from relaybus.admission import Authenticator
 from relaybus.amqp.gatewaybus import AmqpRequestBus
 from relaybus.amqp.topology import Topology
 from relaybus.amqp.workerbus import AmqpWorkerBus
+from relaybus.authorization import Authorizer
 from relaybus.config import GatewayConfig, WorkerConfig
 from relaybus.correlation import CorrelationTable
 from relaybus.gateway import GatewayFactory, makeSite
@@ -37,6 +38,20 @@ def _defaultReactor() -> Any:
     from twisted.internet import reactor
 
     return reactor
+
+
+def reloadOnSighup(authorizer: Authorizer | None, reactor: Any = None) -> None:
+    """SIGHUP re-reads the authorization policy (a bad new one is logged, the old one kept).
+    Installed after startup, like exitZeroOnSigterm."""
+    if authorizer is None:
+        return
+    reactor = reactor or _defaultReactor()
+
+    def onSighup(signum: int, frame: FrameType | None) -> None:
+        reactor.callFromThread(authorizer.reload)
+
+    reactor.addSystemEventTrigger(
+        "after", "startup", lambda: signal.signal(signal.SIGHUP, onSighup))
 
 
 def exitZeroOnSigterm(reactor: Any = None) -> None:
@@ -67,11 +82,13 @@ class GatewayService(MultiService):
 
     `handlers` are the in-process handlers the options resolved (GatewayOptions.registry);
     `checker` verifies the handshakes' tokens (GatewayOptions.checker; None: no keys, every
-    handshake is admitted).
+    handshake is admitted); `authorizer` decides what each principal may call
+    (GatewayOptions.authorizer; None: everything).
     """
 
     def __init__(self, config: GatewayConfig, handlers: dict[str, IRequestHandler],
-                 reactor: Any = None, checker: JWTChecker | None = None) -> None:
+                 reactor: Any = None, checker: JWTChecker | None = None,
+                 authorizer: Authorizer | None = None) -> None:
         super().__init__()
         reactor = reactor or _defaultReactor()
         self.config = config
@@ -101,7 +118,9 @@ class GatewayService(MultiService):
                 workerBus.setServiceParent(self)  # after its runtime, which calls serve()
                 self.workers.append((runtime, workerBus))
         self.bus = bus
-        self.table = CorrelationTable(bus, reactor, config.limits, config.gatewayId)
+        self.authorizer = authorizer
+        self.table = CorrelationTable(bus, reactor, config.limits, config.gatewayId,
+                                      authorizer, config.forwardClaims)
         authenticator = (None if checker is None else
                          Authenticator(checker, config.allowAnonymous, config.jwt.leewayS,
                                        config.jwtCookie))

@@ -11,6 +11,7 @@ import collections
 import enum
 import inspect
 import traceback
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import attrs
@@ -52,7 +53,9 @@ class HandlerRequest:
     correlationId: str
     deadline: float
     redelivered: bool
-    principal: str | None
+    principal: str | None  # the sub the gateway verified (relaybus-principal), or None
+    # The verified claims the gateway forwards (relaybus-claims): {} when it has none.
+    claims: Mapping[str, Any] = attrs.field(factory=dict)
 
 
 def _publishReply(bus: IWorkerBus, request: RequestMessage, kind: ReplyKind, body: bytes,
@@ -192,7 +195,8 @@ class WorkerRuntime(Service):
             self._replyError(delivery, ErrorCode.BAD_REQUEST, "the request payload is not JSON")
             return
         request = HandlerRequest(payload, message.requestType, message.correlationId,
-                                 message.deadline, delivery.redelivered, message.principal)
+                                 message.deadline, delivery.redelivered, message.principal,
+                                 _claims(message.claims))
         running = _Running(delivery, _Stream(self._bus, message))
         self._running[message.correlationId] = running
         running.deadlineTimer = self._clock.callLater(
@@ -310,6 +314,17 @@ class WorkerRuntime(Service):
             waiters, self._whenIdle = self._whenIdle, []
             for waiter in waiters:
                 waiter.callback(None)
+
+
+def _claims(body: bytes | None) -> Mapping[str, Any]:
+    """The relaybus-claims header, when it is a JSON object; anything else counts as none."""
+    if body is None:
+        return {}
+    try:
+        claims = decodeJSON(body)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return claims if isinstance(claims, dict) else {}
 
 
 def _call(handler: IRequestHandler, request: HandlerRequest,

@@ -20,3 +20,15 @@ class WhoAmI:
 
 
 whoami = WhoAmI()
+
+
+@implementer(IRequestHandler)
+class MyClaims:
+    requestType = "myclaims"
+    idempotent = True
+
+    def handle(self, request: Any, stream: IRequestStream) -> dict[str, Any]:
+        return dict(request.claims)
+
+
+myclaims = MyClaims()

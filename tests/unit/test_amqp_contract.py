@@ -128,7 +128,8 @@ def test_codec_round_trips_a_request_a_reply_and_a_cancel_through_pika_encoding(
         decoded.decode(b"".join(properties.encode()))
         return decoded
 
-    request = RequestMessage("c-1", "echo", "gw-1", b'{"a":1}', START + 2.5, "gw-1", "alice")
+    request = RequestMessage("c-1", "echo", "gw-1", b'{"a":1}', START + 2.5, "gw-1", "alice",
+                             b'{"sub":"alice","roles":["user"]}')
     assert codec.requestFromAmqp("echo", throughTheWire(codec.requestProperties(
         request, START)), b'{"a":1}') == request
     for reply in (ReplyMessage("c-1", "gw-1", ReplyKind.CHUNK, b"1", 7),
@@ -203,6 +204,7 @@ def test_published_request_follows_the_contract(gw: Gateway) -> None:
         "relaybus-deadline-ms": int((START + 2.5) * 1000),
         "relaybus-gateway-id": "gw-1",
         "relaybus-principal": None,
+        "relaybus-claims": None,
     }
     assertNoResult(d)  # waits for the publisher confirm
     published.confirm.callback(None)

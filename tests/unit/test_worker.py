@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import pytest
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
@@ -120,6 +121,19 @@ def test_handler_request_fields(w: Worker) -> None:
                                      correlationId="c-1", deadline=START + 12,
                                      redelivered=False, principal=None)
     assert w.runtime.runningCount == 1
+
+
+@pytest.mark.parametrize(("header", "claims"), [
+    (b'{"sub":"alice","roles":["user"]}', {"sub": "alice", "roles": ["user"]}),
+    (None, {}), (b"not json", {}), (b'["a list"]', {}), (b"\xff", {}),
+])
+def test_the_gateways_claims_reach_the_handler(w: Worker, header: bytes | None,
+                                               claims: dict[str, Any]) -> None:
+    message = attrs.evolve(requestMessage("c-1", "fake", None, deadline=START + 30),
+                           principal="alice", claims=header)
+    w.bus.deliver(message)
+    [(request, _stream, _d)] = w.handler.calls
+    assert (request.principal, request.claims) == ("alice", claims)
 
 
 def test_plain_return_value_is_the_response_then_acked() -> None:

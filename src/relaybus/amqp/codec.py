@@ -13,6 +13,7 @@ HEADER_REQUEST_TYPE = "relaybus-request-type"
 HEADER_DEADLINE_MS = "relaybus-deadline-ms"
 HEADER_GATEWAY_ID = "relaybus-gateway-id"
 HEADER_PRINCIPAL = "relaybus-principal"
+HEADER_CLAIMS = "relaybus-claims"
 HEADER_SEQ = "relaybus-seq"
 HEADER_CANCEL_REASON = "relaybus-cancel-reason"
 CONTENT_TYPE = "application/json"
@@ -39,6 +40,7 @@ def requestProperties(message: RequestMessage, now: float) -> pika.BasicProperti
             HEADER_DEADLINE_MS: int(message.deadline * 1000),
             HEADER_GATEWAY_ID: message.gatewayId,
             HEADER_PRINCIPAL: message.principal,
+            HEADER_CLAIMS: None if message.claims is None else message.claims.decode("utf-8"),
         })
 
 
@@ -51,13 +53,17 @@ def requestFromAmqp(routingKey: str, properties: pika.BasicProperties,
     headers = _headers(properties)
     deadlineMs = headers.get(HEADER_DEADLINE_MS)
     principal = headers.get(HEADER_PRINCIPAL)
+    claims = headers.get(HEADER_CLAIMS)
+    if isinstance(claims, bytes):  # pika decodes long strings as bytes
+        claims = claims.decode("utf-8", "replace")
     return RequestMessage(
         correlationId=properties.correlation_id,
         requestType=routingKey,  # the queue is bound by it: always right
         replyTo=properties.reply_to, body=body,
         deadline=deadlineMs / 1000 if isinstance(deadlineMs, int) else float("inf"),
         gatewayId=str(headers.get(HEADER_GATEWAY_ID) or ""),
-        principal=principal if isinstance(principal, str) else None)
+        principal=principal if isinstance(principal, str) else None,
+        claims=claims.encode("utf-8") if isinstance(claims, str) else None)
 
 
 def replyProperties(reply: ReplyMessage) -> pika.BasicProperties:
