@@ -30,6 +30,9 @@ class Limits:
     clientLogPerSecond: int = 20
     clientLogBurst: int = 100
     maxLogEntriesPerFrame: int = MAX_LOG_ENTRIES_PER_FRAME
+    # requests: a token bucket per connection (requests per second, burst); 0: no limit.
+    requestsPerSecond: int = 0
+    requestsBurst: int = 0
 
     def forHello(self) -> dict[str, int]:
         return attrs.asdict(self)

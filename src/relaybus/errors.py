@@ -51,11 +51,16 @@ class RelaybusError(Exception):
     sendable.
     """
 
-    def __init__(self, code: ErrorCode | str, message: str) -> None:
+    def __init__(self, code: ErrorCode | str, message: str,
+                 retryAfterMs: int | None = None) -> None:
         message = _LONE_SURROGATES.sub("\ufffd", str(message)[:MAX_ERROR_MESSAGE_LENGTH])
         super().__init__(f"{code}: {message}")
         self.code = ErrorCode(code) if code in ErrorCode._value2member_map_ else code
         self.message = message
+        self.retryAfterMs = retryAfterMs  # when the client may try again (rate limits)
 
-    def asDict(self) -> dict[str, str]:
-        return {"code": str(self.code), "message": self.message}
+    def asDict(self) -> dict[str, str | int]:
+        error: dict[str, str | int] = {"code": str(self.code), "message": self.message}
+        if self.retryAfterMs is not None:
+            error["retryAfterMs"] = self.retryAfterMs
+        return error

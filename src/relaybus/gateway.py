@@ -7,6 +7,7 @@ library share the one port.
 from __future__ import annotations
 
 import collections
+import math
 import re
 import secrets
 from pathlib import Path
@@ -88,6 +89,10 @@ class TokenBucket:
         self.tokens -= granted
         return granted
 
+    def secondsUntilOne(self) -> float:
+        """How long until a whole token is back (after a take that got none)."""
+        return max(0.0, (1 - self.tokens) / self.rate)
+
 
 @implementer(IClientConnection, IPushProducer)
 class GatewayProtocol(WebSocketServerProtocol):
@@ -145,6 +150,9 @@ class GatewayProtocol(WebSocketServerProtocol):
         limits = self.factory.config.limits
         self._logBucket = TokenBucket(limits.clientLogPerSecond, limits.clientLogBurst,
                                       self.factory.clock)
+        self._requestBucket = (TokenBucket(limits.requestsPerSecond, limits.requestsBurst,
+                                           self.factory.clock)
+                               if limits.requestsPerSecond else None)
         self._logEntriesDropped = 0
         self._lastDropNoticeAt: float | None = None
         self._watchSendBuffer()
@@ -229,6 +237,9 @@ class GatewayProtocol(WebSocketServerProtocol):
             self._sendTextFrame(errorFrame(e.requestId, e))
             return
         if isinstance(frame, RequestFrame):
+            if self._requestBucket is not None and not self._requestBucket.take(1):
+                self._refuseOverRate(frame)
+                return
             self.factory.table.submit(self, frame)
         elif isinstance(frame, CancelFrame):
             self.factory.table.cancel(self, frame.requestId)
@@ -302,6 +313,17 @@ class GatewayProtocol(WebSocketServerProtocol):
                             reasonUtf8=f"over {limit} bytes queued unread".encode())
         self.factory.table.connectionLost(self)
 
+    def _refuseOverRate(self, frame: RequestFrame) -> None:
+        """Over --requests-per-second: the request ends at once; the others go on."""
+        assert self._requestBucket is not None
+        limits = self.factory.config.limits
+        self.factory.requestsRateLimited += 1
+        retryAfterMs = max(1, math.ceil(self._requestBucket.secondsUntilOne() * 1000))
+        self.sendError(frame.requestId, RelaybusError(
+            ErrorCode.OVERLOADED,
+            f"request rate limit ({limits.requestsPerSecond}/s, burst {limits.requestsBurst}) "
+            "exceeded", retryAfterMs=retryAfterMs))
+
     def _recordClientLog(self, frame: ClientLogFrame) -> None:
         granted = self._logBucket.take(len(frame.entries))
         peer = escapeControlCharacters(str(self.peer))
@@ -346,6 +368,7 @@ class GatewayFactory(WebSocketServerFactory):
         self.originPolicy = OriginPolicy(config.allowedOrigins, config.allowedHosts)
         self.handshakesRefused: collections.Counter[str] = collections.Counter()  # by reason
         self.tokensExpired = 0
+        self.requestsRateLimited = 0
         self.refreshesRefused = 0
         self.clientFrames = ClientFrames(config.limits.maxMessageBytes)
         self.connections: set[GatewayProtocol] = set()

@@ -71,6 +71,9 @@ class GatewayCollector:
         for reason, count in sorted(factory.handshakesRefused.items()):
             refused.add_metric([reason], count)
         yield refused
+        yield CounterMetricFamily("relaybus_requests_rate_limited",
+                                  "Requests refused (overloaded) over --requests-per-second.",
+                                  value=factory.requestsRateLimited)
         yield CounterMetricFamily("relaybus_tokens_expired",
                                   "Connections closed (4401) when their token expired.",
                                   value=factory.tokensExpired)

@@ -65,6 +65,16 @@ def _checkName(option: str, value: str) -> None:
                                "letters, digits, '-', '_' and '.'")
 
 
+def _nonNegativeInt(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"must be 0 or a positive integer, not {value}")
+    return number
+
+
+_nonNegativeInt.coerceDoc = "0 or a positive integer."  # type: ignore[attr-defined]
+
+
 def _nonNegativeFloat(value: str) -> float:
     number = float(value)
     if not number >= 0:
@@ -166,6 +176,12 @@ class GatewayOptions(_EnvironmentOptions):
          "Longest deadline a request may ask for.", _positiveInt],
         ["client-log-per-second", None, _LIMITS.clientLogPerSecond,
          "client-log entries one connection may send per second.", _positiveInt],
+        ["requests-per-second", None, _LIMITS.requestsPerSecond,
+         "Requests one connection may send per second (0: no limit; more get overloaded).",
+         _nonNegativeInt],
+        ["requests-burst", None, _LIMITS.requestsBurst,
+         "Requests one connection may send in a burst (default: the rate).",
+         _nonNegativeInt],
         ["client-log-burst", None, _LIMITS.clientLogBurst,
          "client-log entries one connection may send in a burst.", _positiveInt],
         ["max-connections", None, _GATEWAY.maxConnections,
@@ -234,7 +250,11 @@ class GatewayOptions(_EnvironmentOptions):
         limits = Limits(self["max-message-bytes"], self["max-in-flight"],
                         self["default-timeout-ms"], self["max-timeout-ms"],
                         clientLogPerSecond=self["client-log-per-second"],
-                        clientLogBurst=self["client-log-burst"])
+                        clientLogBurst=self["client-log-burst"],
+                        requestsPerSecond=self["requests-per-second"],
+                        requestsBurst=self["requests-burst"] or self["requests-per-second"])
+        if limits.requestsBurst and not limits.requestsPerSecond:
+            raise usage.UsageError("--requests-burst needs --requests-per-second")
         if limits.defaultTimeoutMs > limits.maxTimeoutMs:
             raise usage.UsageError("--default-timeout-ms must not exceed --max-timeout-ms")
         self.config = GatewayConfig(

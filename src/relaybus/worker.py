@@ -339,7 +339,7 @@ def _call(handler: IRequestHandler, request: HandlerRequest,
     return d.addCallback(awaitCoroutine)
 
 
-def _errorReply(failure: Failure, correlationId: str) -> dict[str, str]:
+def _errorReply(failure: Failure, correlationId: str) -> dict[str, str | int]:
     error = failure.value
     if isinstance(error, RelaybusError) and error.code in WORKER_ERROR_CODES:
         return error.asDict()

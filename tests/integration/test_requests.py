@@ -39,7 +39,8 @@ def test_hello(stack, connect):
         assert hello["limits"] == {"maxMessageBytes": 1048576, "maxInFlight": 100,
                                    "defaultTimeoutMs": 30000, "maxTimeoutMs": 300000,
                                    "clientLogPerSecond": 20, "clientLogBurst": 100,
-                                   "maxLogEntriesPerFrame": 50}
+                                   "maxLogEntriesPerFrame": 50, "requestsPerSecond": 0,
+                                   "requestsBurst": 0}
     assert first.hello["connectionId"] != second.hello["connectionId"]
 
 

@@ -11,6 +11,7 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import pytest
 from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.task import Clock
@@ -74,7 +75,8 @@ def test_hello_frame_first_on_open(gw: Gateway) -> None:
     assert hello["limits"] == {"maxMessageBytes": 4096, "maxInFlight": 5,
                                "defaultTimeoutMs": 2000, "maxTimeoutMs": 10_000,
                                "clientLogPerSecond": 20, "clientLogBurst": 100,
-                               "maxLogEntriesPerFrame": 50}
+                               "maxLogEntriesPerFrame": 50, "requestsPerSecond": 0,
+                               "requestsBurst": 0}
     assert hello["connectionId"] == client.protocol.connectionId != ""
     assert client.protocol in gw.factory.connections
     assert client.isOpen
@@ -580,3 +582,34 @@ class _Recorder:
         from relaybus.messages import CancelNotice
 
         return [item for item in into if isinstance(item, CancelNotice)]
+
+
+def test_requests_over_the_connection_rate_end_at_once_with_retry_after(clock: Clock) -> None:
+    limits = attrs.evolve(LIMITS, requestsPerSecond=2, requestsBurst=3)
+    bus = MemoryBus(clock)
+    bus.startService()
+    runtime = WorkerRuntime(bus, {"echo": EchoHandler()}, clock)
+    runtime.startService()
+    table = CorrelationTable(bus, clock, limits, "gw-test")
+    factory = GatewayFactory(GatewayConfig(gatewayId="gw-test", limits=limits), table, clock)
+    client, other = Client(factory), Client(factory)
+    for each in (client, other):
+        each.handshake()
+        [hello] = each.messages()
+        assert (hello["limits"]["requestsPerSecond"], hello["limits"]["requestsBurst"]) == (2, 3)
+    for i in range(5):
+        client.sendJSON({"type": "request", "requestId": f"r-{i}", "requestType": "echo",
+                         "payload": i})
+    refused = [m for m in client.messages() if m["type"] == "error"]
+    assert [m["requestId"] for m in refused] == ["r-3", "r-4"]
+    assert refused[0]["error"] == {
+        "code": "overloaded", "message": "request rate limit (2/s, burst 3) exceeded",
+        "retryAfterMs": 500}
+    assert factory.requestsRateLimited == 2
+    other.sendJSON({"type": "request", "requestId": "o-1", "requestType": "echo"})
+    clock.advance(0.5)  # one token back for the first connection; the other has its own
+    client.sendJSON({"type": "request", "requestId": "r-5", "requestType": "echo"})
+    for _ in range(5):
+        clock.advance(0)
+    assert {m["requestId"] for m in client.messages() if m["type"] == "response"} >= {"r-5"}
+    assert [m["type"] for m in other.messages()] == ["response"]

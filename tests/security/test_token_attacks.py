@@ -186,3 +186,20 @@ def test_the_cli_sends_its_token_and_says_unauthorized_without_one(secured: Any)
     assert lines == [{"type": "error", "code": "unauthorized",
                       "message": "a bearer token is required"}]
     stillServed(secured)
+
+
+def test_a_request_flood_beyond_the_rate_is_refused_and_others_are_served(
+        makeStack: Any, connect: Any) -> None:
+    stack = makeStack("memory", ["--requests-per-second", "20", "--requests-burst", "20"])
+    good, flooder = connect(stack), connect(stack)
+    started = time.monotonic()
+    ids = [flooder.request("echo", i) for i in range(200)]
+    outcomes = [flooder.collect(requestId) for requestId in ids]
+    elapsed = time.monotonic() - started  # the bucket refills 20 a second meanwhile
+    refused = [o for o in outcomes if o.code == "overloaded"]
+    admitted = [o for o in outcomes if o.code is None]
+    assert len(refused) + len(admitted) == 200
+    assert refused and 20 <= len(admitted) <= 20 + 20 * elapsed + 1, (len(admitted), elapsed)
+    assert all(o.terminal["error"]["retryAfterMs"] > 0 for o in refused)
+    assert good.call("echo", "still here").data == "still here"
+    assert stack.gateway.metrics()["relaybus_requests_rate_limited_total"] == len(refused)
