@@ -56,6 +56,11 @@ class GatewayConfig:
     maxSendBufferBytes: int = 4 * MiB
     # Every connection costs memory whatever it does: the cap on them (HTTP 503 beyond).
     maxConnections: int = 50_000
+    # What one client address may cost (HTTP 429 beyond; 0: no limit), and which proxies'
+    # X-Forwarded-For is believed (CIDRs).
+    maxConnectionsPerIp: int = 0
+    handshakesPerIpPerSecond: float = 0.0
+    trustedProxies: tuple[str, ...] = ()
     # Who may connect: with a key configured, a handshake needs a valid token (HTTP 401).
     jwt: JWTSettings = attrs.field(factory=JWTSettings)
     allowAnonymous: bool = False  # with a key: admit handshakes without a token as "anonymous"

@@ -7,13 +7,13 @@ library share the one port.
 from __future__ import annotations
 
 import collections
+import ipaddress
 import math
 import re
 import secrets
 from pathlib import Path
 from typing import Any
 
-import attrs
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
@@ -54,44 +54,18 @@ from relaybus.frames import (
 )
 from relaybus.identity import Principal
 from relaybus.interfaces import IClientConnection, IRequestBus
+from relaybus.ratelimits import PerAddressLimits, TokenBucket, clientAddress
 
 log = Logger(namespace="relaybus.gateway")
 # What browser and other clients send in client-log frames (relaybus.client is the Python client).
 clientLog = Logger(namespace="relaybus.clientlog")
 
 CLOSE_GOING_AWAY = 1001
+TOO_MANY_REQUESTS = 429
 CLOSE_NOT_READING = 1008  # policy violation: the client let too much pile up unread
 CLOSE_FLUSH_TIMEOUT_S = 5.0  # how long a finished close handshake may wait to flush
 LOG_DROP_NOTICE_INTERVAL_S = 1.0
 WEB_ROOT = Path(__file__).parent / "web"
-
-
-@attrs.define
-class TokenBucket:
-    """`rate` tokens a second, at most `burst` saved up; time from an injected clock."""
-
-    rate: float
-    burst: float
-    clock: IReactorTime
-    tokens: float = attrs.field(init=False)
-    refilledAt: float = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self.tokens = self.burst
-        self.refilledAt = self.clock.seconds()
-
-    def take(self, wanted: int) -> int:
-        """Take up to `wanted` whole tokens; returns how many were granted."""
-        now = self.clock.seconds()
-        self.tokens = min(self.burst, self.tokens + (now - self.refilledAt) * self.rate)
-        self.refilledAt = now
-        granted = min(wanted, int(self.tokens))
-        self.tokens -= granted
-        return granted
-
-    def secondsUntilOne(self) -> float:
-        """How long until a whole token is back (after a take that got none)."""
-        return max(0.0, (1 - self.tokens) / self.rate)
 
 
 @implementer(IClientConnection, IPushProducer)
@@ -104,6 +78,8 @@ class GatewayProtocol(WebSocketServerProtocol):
     _admitted = False
     _abortAfterFlush: IDelayedCall | None = None
     principal: Principal | None = None  # who the handshake's token proved (None: no auth)
+    _clientAddress: str | None = None  # counted in the factory's per-address limits
+    _retryAfterS: int | None = None
     _tokenExpiry: IDelayedCall | None = None
 
     # Autobahn takes a Deferred here too (txaio.as_future), though its types do not say so.
@@ -113,6 +89,14 @@ class GatewayProtocol(WebSocketServerProtocol):
         so a burst cannot overshoot; HTTP 503 beyond it), then, when the gateway authenticates,
         only with a token that proves a principal (HTTP 401 otherwise)."""
         factory = self.factory
+        address = clientAddress(self.transport.getPeer().host,  # type: ignore[union-attr]
+                                request.headers.get("x-forwarded-for"), factory.trustedProxies)
+        over = factory.perAddress.admit(address)
+        if over is not None:
+            what, self._retryAfterS = over
+            factory.handshakesRefused[f"per_ip_{what}"] += 1
+            raise ConnectionDeny(TOO_MANY_REQUESTS, f"too many {what} from this address")
+        self._clientAddress = address
         if factory.admitted >= factory.config.maxConnections:
             factory.connectionsRefused += 1
             raise ConnectionDeny(503, "the gateway is at its connection limit")
@@ -142,6 +126,8 @@ class GatewayProtocol(WebSocketServerProtocol):
         if code == UNAUTHORIZED_STATUS:  # RFC 6750: say which scheme would be accepted
             responseHeaders = [*(responseHeaders or []),
                                ("WWW-Authenticate", 'Bearer realm="relaybus"')]
+        if code == TOO_MANY_REQUESTS and self._retryAfterS is not None:
+            responseHeaders = [*(responseHeaders or []), ("Retry-After", str(self._retryAfterS))]
         super().failHandshake(reason, code, responseHeaders)
 
     def onOpen(self) -> None:
@@ -266,6 +252,9 @@ class GatewayProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._cancelTokenExpiry()
+        if self._clientAddress is not None:
+            self.factory.perAddress.release(self._clientAddress)
+            self._clientAddress = None
         if self._abortAfterFlush is not None and self._abortAfterFlush.active():
             self._abortAfterFlush.cancel()
             self._abortAfterFlush = None
@@ -366,6 +355,10 @@ class GatewayFactory(WebSocketServerFactory):
         self.clock = clock
         self.authenticator = authenticator  # None: every handshake is admitted (no keys)
         self.originPolicy = OriginPolicy(config.allowedOrigins, config.allowedHosts)
+        self.trustedProxies = [ipaddress.ip_network(cidr, strict=False)
+                               for cidr in config.trustedProxies]
+        self.perAddress = PerAddressLimits(config.maxConnectionsPerIp,
+                                           config.handshakesPerIpPerSecond, clock)
         self.handshakesRefused: collections.Counter[str] = collections.Counter()  # by reason
         self.tokensExpired = 0
         self.requestsRateLimited = 0

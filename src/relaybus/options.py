@@ -3,6 +3,7 @@ variable twins for relaybus.tac (RELAYBUS_<OPTION>, e.g. RELAYBUS_MAX_IN_FLIGHT)
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -160,7 +161,7 @@ class GatewayOptions(_EnvironmentOptions):
     synopsis = "[options]"
     longdesc = ("Run the relaybus WebSocket gateway. Without --broker it runs an embedded "
                 "in-process bus with the example workers.")
-    repeatable = ("handlers", "allowed-origin", "allowed-host")
+    repeatable = ("handlers", "allowed-origin", "allowed-host", "trusted-proxy")
     optParameters = [
         ["listen", "l", "tcp:8080:interface=127.0.0.1", "Endpoint to listen on (strports)."],
         ["broker", "b", "memory", "'memory' (embedded bus) or an amqp:// or amqps:// URL."],
@@ -186,6 +187,12 @@ class GatewayOptions(_EnvironmentOptions):
          "client-log entries one connection may send in a burst.", _positiveInt],
         ["max-connections", None, _GATEWAY.maxConnections,
          "WebSocket connections at once (more get HTTP 503).", _positiveInt],
+        ["max-connections-per-ip", None, _GATEWAY.maxConnectionsPerIp,
+         "WebSocket connections one client address may hold (0: no limit; more get 429).",
+         _nonNegativeInt],
+        ["handshakes-per-ip-per-second", None, _GATEWAY.handshakesPerIpPerSecond,
+         "WebSocket handshakes one client address may start per second (0: no limit).",
+         _nonNegativeFloat],
         ["max-send-buffer", None, _GATEWAY.maxSendBufferBytes,
          "Bytes queued for a client that does not read before it is closed (1008).",
          _positiveInt],
@@ -230,6 +237,7 @@ class GatewayOptions(_EnvironmentOptions):
         self["handlers"] = []
         self["allowed-origin"] = []
         self["allowed-host"] = []
+        self["trusted-proxy"] = []
 
     def opt_handlers(self, module: str) -> None:
         """Dotted module whose handlers run in this process (repeatable). Default with the
@@ -240,6 +248,15 @@ class GatewayOptions(_EnvironmentOptions):
         """Origin (scheme://host[:port], fnmatch pattern) whose pages may connect, beside
         same-origin pages and clients that send no Origin (repeatable; '*' allows all)."""
         self["allowed-origin"].append(pattern)
+
+    def opt_trusted_proxy(self, cidr: str) -> None:
+        """Address or CIDR of a reverse proxy whose X-Forwarded-For is believed (repeatable)."""
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise usage.UsageError(f"--trusted-proxy: {cidr[:60]!r} is not an address or "
+                                   "CIDR") from None
+        self["trusted-proxy"].append(cidr)
 
     def opt_allowed_host(self, name: str) -> None:
         """Host name the gateway serves (repeatable); others get 403 (DNS rebinding)."""
@@ -267,6 +284,9 @@ class GatewayOptions(_EnvironmentOptions):
             drainTimeoutS=self["drain-timeout"], workerConcurrency=self["worker-concurrency"],
             maxSendBufferBytes=self["max-send-buffer"],
             maxConnections=self["max-connections"],
+            maxConnectionsPerIp=self["max-connections-per-ip"],
+            handshakesPerIpPerSecond=self["handshakes-per-ip-per-second"],
+            trustedProxies=tuple(self["trusted-proxy"]),
             jwt=JWTSettings(
                 secretFile=self["jwt-secret-file"], publicKeyFile=self["jwt-public-key-file"],
                 jwksFile=self["jwks-file"], algorithms=_commaList(self["jwt-algorithms"]),
