@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 
 from processfixtures import LOG_TIMEOUT, assertRepliesStopped
@@ -305,3 +306,33 @@ def test_sigterm_requeues_what_outlives_the_drain_timeout(nodeStack, connect, wa
     outcome = finish(client, requestId)
     assert outcome.code == "worker_lost", outcome
     assert 0 < len(outcome.chunks) < 100
+
+
+def test_the_node_worker_learns_who_asked_from_the_gateway(nodeWorkerDir, makeStack, processes,
+                                                          connect, tmp_path):
+    """relaybus-principal and relaybus-claims reach a Node.js handler as the gateway verified
+    them (a gateway with JWT on); without JWT they are null and {}."""
+    secret = b"relaybus-node-worker-test-secret-0123456789"
+    (tmp_path / "secret").write_bytes(secret)
+    stack = makeStack("rabbitmq", ["--jwt-secret-file", str(tmp_path / "secret")], workers=0)
+    nodes = NodeStack(stack, processes)
+    try:
+        nodes.startNode()
+        token = jwt.encode({"sub": "alice", "exp": int(time.time()) + 600, "roles": ["user"],
+                            "email": "alice@example.com"}, secret, "HS256")
+        client = connect(stack, additional_headers={"Authorization": f"Bearer {token}"})
+        spoofed = {"relaybus-principal": "root", "relaybus-claims": '{"roles":["admin"]}'}
+        outcome = client.collect(client.request("nodeWhoAmI", spoofed, **spoofed))
+        assert outcome.data == {"principal": "alice",
+                                "claims": {"sub": "alice", "roles": ["user"]}}
+    finally:
+        for node in nodes.nodes:
+            node.kill()
+
+
+def test_without_jwt_the_node_worker_sees_nobody(nodeStack, connect):
+    nodeStack.startNode()
+    client = connect(nodeStack.stack)
+    requestId = client.request("nodeWhoAmI")
+    assert client.collect(requestId).data == {"principal": None, "claims": {}}
+    assertQuiet(client, requestId)

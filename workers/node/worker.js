@@ -94,15 +94,41 @@ function requireInteger(payload, field, min, max, fallback) {
   return value;
 }
 
-// handle(payload, stream) -> the response data; stream.sendChunk(data) resolves once the
-// broker confirmed the chunk; stream.signal aborts when the request is stopped.
+// handle(payload, stream, request) -> the response data; stream.sendChunk(data) resolves once
+// the broker confirmed the chunk; stream.signal aborts when the request is stopped;
+// request.principal and request.claims say who asked, as the gateway verified it.
 // Neither handler is idempotent: a redelivered request gets worker_lost.
+// Only the gateway sets these headers (docs/protocol.md): `relaybus-principal` is the verified
+// sub, `relaybus-claims` a JSON object of forwarded claims; anything else counts as none.
+function headerString(value) {
+  if (typeof value === "string") return value;
+  if (Buffer.isBuffer(value)) return value.toString("utf8");
+  return null;
+}
+
+function claimsFrom(value) {
+  const text = headerString(value);
+  if (text === null) return {};
+  try {
+    const claims = JSON.parse(text);
+    return claims !== null && typeof claims === "object" && !Array.isArray(claims) ? claims : {};
+  } catch {
+    return {};
+  }
+}
+
 const HANDLERS = {
   nodeEcho: {
     idempotent: false,
     async handle(payload, stream) {
       await stream.sendChunk({ received: true });
       return payload;
+    },
+  },
+  nodeWhoAmI: {
+    idempotent: true,
+    async handle(_payload, _stream, request) {
+      return { principal: request.principal, claims: request.claims };
     },
   },
   nodeCount: {
@@ -284,7 +310,10 @@ class Worker {
       });
       return;
     }
-    job.run(handler, deadline);
+    job.run(handler, deadline, {
+      principal: headerString(headers["relaybus-principal"]),
+      claims: claimsFrom(headers["relaybus-claims"]),
+    });
   }
 
   cancelReceived(msg) {
@@ -383,7 +412,7 @@ class Job {
     return `${this.requestType} ${this.correlationId}`;
   }
 
-  async run(handler, deadline) {
+  async run(handler, deadline, request) {
     if (deadline !== null) {
       const delay = Math.min(Math.max(deadline - Date.now(), 0), MAX_TIMER_MS);
       this.deadlineTimer = setTimeout(
@@ -401,7 +430,7 @@ class Job {
       sendChunk: (data) => this.sendChunk(data),
     };
     try {
-      const result = await handler.handle(payload, stream);
+      const result = await handler.handle(payload, stream, request);
       this.finish("response", result === undefined ? null : result);
     } catch (e) {
       if (this.finished) return; // stopped: the AbortError of its own signal, or a late failure
