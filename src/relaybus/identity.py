@@ -13,6 +13,7 @@ key or text PyJWT copied from the input.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -193,9 +194,15 @@ class JWTChecker:
         return expiresAt
 
 
+MAX_NUMERIC_DATE = 253_402_300_799  # 9999-12-31T23:59:59Z: beyond it, a date is nonsense
+
+
 def _numericDate(claims: Mapping[str, Any], name: str) -> float | None:
+    """A JSON number of seconds: not a bool, and finite (PyJWT's JSON takes NaN and
+    Infinity) and within year 9999, so that expiresAt in milliseconds stays an integer."""
     value = claims.get(name)
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not math.isfinite(value) or abs(value) > MAX_NUMERIC_DATE):
         raise _refuse(f"malformed claim: {name}")
     return float(value)
 
@@ -327,7 +334,8 @@ def _keysFromJWKS(text: str, algorithms: Sequence[str]) -> dict[str | None, _Key
     algorithm can never meet a key that was published."""
     try:
         keySet = jwt.PyJWKSet.from_json(text)
-    except (jwt.PyJWKSetError, jwt.InvalidKeyError, ValueError):
+    except (jwt.PyJWKSetError, jwt.InvalidKeyError, ValueError, KeyError,
+            NotImplementedError):  # a JWK with alg "none", an oct key without "k"
         raise ValueError("--jwks-file: not a JWK Set with usable keys") from None
     keys: dict[str | None, _Key] = {}
     for jwk in keySet.keys:

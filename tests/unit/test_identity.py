@@ -101,10 +101,15 @@ def test_a_valid_token_proves_its_principal(tmp_path: Path) -> None:
     (claims(exp="tomorrow"), "malformed claim: exp"),
     (claims(exp=True), "malformed claim: exp"),
     (claims(nbf="now"), "malformed claim: nbf"),
+    (claims(exp=float("nan")), "malformed claim: exp"),
+    (claims(exp=float("inf")), "malformed claim: exp"),
+    (claims(exp=1e308), "malformed claim: exp"),
+    (claims(nbf=float("-inf")), "malformed claim: nbf"),
     (claims(exp=NOW - 31), "token expired"),
     (claims(nbf=NOW + 31), "token not yet valid"),
 ], ids=["no-sub", "no-exp", "empty-sub", "long-sub", "control-sub", "number-sub",
-        "string-exp", "bool-exp", "string-nbf", "expired", "not-yet-valid"])
+        "string-exp", "bool-exp", "string-nbf", "nan-exp", "infinite-exp", "huge-exp",
+        "minus-infinite-nbf", "expired", "not-yet-valid"])
 def test_claims_that_are_refused(tmp_path: Path, payload: dict[str, Any], reason: str) -> None:
     assert refusal(hmacChecker(tmp_path), jwt.encode(payload, SECRET, "HS256")) == reason
 
@@ -296,6 +301,10 @@ def test_start_time_refusals(tmp_path: Path, rsaKey: rsa.RSAPrivateKey) -> None:
         "jwks without kids": JWTSettings(jwksFile=write(
             tmp_path, "nokid.json", jwks((None, rsaKey), (None, rsaKey)))),
         "not a jwks": JWTSettings(jwksFile=write(tmp_path, "bad.json", "{]")),
+        "alg none in a jwks": JWTSettings(jwksFile=write(tmp_path, "none.json", json.dumps(
+            {"keys": [{"kty": "RSA", "alg": "none", "n": "AQAB", "e": "AQAB"}]}))),
+        "oct key without k": JWTSettings(jwksFile=write(tmp_path, "nok.json", json.dumps(
+            {"keys": [{"kty": "oct"}]}))),
     }
     for what, settings in cases.items():
         with pytest.raises(ValueError) as caught:
