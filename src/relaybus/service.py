@@ -30,6 +30,7 @@ from relaybus.interfaces import IRequestBus, IRequestHandler, IWorkerBus
 from relaybus.memory import MemoryBus
 from relaybus.metrics import GatewayCollector, MetricsResource, gatewayRegistry
 from relaybus.worker import WorkerRuntime
+from relaybus.workerwatch import AbsentWorkerWatch
 
 log = Logger(namespace="relaybus.service")
 
@@ -121,6 +122,11 @@ class GatewayService(MultiService):
         self.authorizer = authorizer
         self.table = CorrelationTable(bus, reactor, config.limits, config.gatewayId,
                                       authorizer, config.forwardClaims)
+        self.workerWatch: AbsentWorkerWatch | None = None
+        if config.broker != "memory" and config.workerAbsentGraceS > 0:
+            self.workerWatch = AbsentWorkerWatch(self.table, bus, reactor,
+                                                 config.workerAbsentGraceS)
+            self.workerWatch.setServiceParent(self)
         authenticator = (None if checker is None else
                          Authenticator(checker, config.allowAnonymous, config.jwt.leewayS,
                                        config.jwtCookie))
@@ -143,6 +149,8 @@ class GatewayService(MultiService):
         self.draining = True
         steps: list[tuple[str, Callable[[], Any]]] = [
             ("stop listening", self.listener.stopService),
+            *([("stop watching for absent workers", self.workerWatch.stopService)]
+              if self.workerWatch is not None else []),
             ("drain requests", lambda: self.table.drain(self.config.drainTimeoutS)),
             ("close connections", self.factory.closeAll),
         ]
