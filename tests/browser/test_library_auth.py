@@ -68,7 +68,7 @@ def test_token_function_connects_and_the_worker_sees_the_principal(secured, tab)
 
 
 def test_short_lived_token_is_refreshed_in_band_and_outlives_its_first_token(secured, tab):
-    first, firstExp = mint(expiresIn=4)
+    first, firstExp = mint(expiresIn=6)
     second, secondExp = mint(expiresIn=600)
     tab.openHarness(secured.gateway)
     tab.evaluate("token => { harness.token = token; }", first)
@@ -122,7 +122,7 @@ def test_a_refused_token_stops_the_reconnect_loop_until_a_new_one(secured, tab):
 
 
 def test_an_expired_string_token_closes_4401_and_the_client_stops(secured, tab):
-    token, _ = mint(expiresIn=3)
+    token, _ = mint(expiresIn=4)
     tab.openHarness(secured.gateway)
     tab.connect(token=token, **BACKOFF)
     tab.waitFor("() => harness.client.state === 'unauthorized'",

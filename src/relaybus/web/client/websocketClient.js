@@ -201,6 +201,7 @@ export class RelaybusClient extends EventTarget {
     this._refreshPending = null; // {token, timer}: an auth frame awaiting its answer
     this._refreshRefused = null; // the token this connection's gateway refused in-band
     this._refreshFailures = 0;
+    this._refreshQueued = false; // setToken() while an auth frame awaited its answer
     this._lastRefreshAt = null;
     /** The gateway's limits from its latest hello (kept across reconnects), or null. */
     this.limits = null;
@@ -268,7 +269,8 @@ export class RelaybusClient extends EventTarget {
     this._suspect = null;
     this._refreshRefused = null;
     if (this.state === State.OPEN && this._tokenSource !== null && this._canRefresh()) {
-      this._refreshNow();
+      if (this._refreshPending === null) this._refreshNow();
+      else this._refreshQueued = true; // answers come in order: send it after this one's
     } else if (this.state === State.UNAUTHORIZED || this.state === State.RECONNECTING) {
       this.connect();
     }
@@ -690,6 +692,13 @@ export class RelaybusClient extends EventTarget {
     if (this.principal !== null) this.principal = { ...this.principal, expiresAt };
     this.dispatchEvent(new CustomEvent("auth", { detail: { ok: true, expiresAt } }));
     this._scheduleRefresh(expiresAt);
+    this._sendQueuedRefresh();
+  }
+
+  _sendQueuedRefresh() {
+    if (!this._refreshQueued || this.state !== State.OPEN) return;
+    this._refreshQueued = false;
+    this._refreshNow();
   }
 
   _refreshRefusedBy(error) {
@@ -702,6 +711,7 @@ export class RelaybusClient extends EventTarget {
     this.dispatchEvent(new CustomEvent("auth", {
       detail: { ok: false, code: ErrorCode.UNAUTHORIZED, message } }));
     this._refreshLater();
+    this._sendQueuedRefresh();
   }
 
   _stopRefreshing() {
@@ -711,6 +721,7 @@ export class RelaybusClient extends EventTarget {
     this._refreshPending = null;
     this._refreshRefused = null;
     this._refreshFailures = 0;
+    this._refreshQueued = false;
   }
 
   /** Exponential backoff with jitter; `_failures` counts attempts since the last open. */

@@ -241,6 +241,23 @@ describe("refreshing the token in-band", () => {
     client.close();
   });
 
+  test("setToken() while a refresh awaits its answer sends the new token after that answer", async () => {
+    const token = tokenFunction("t1", "t2");
+    const { client, socket } = authClient(token);
+    await settle();
+    helloAs(socket(), { sub: "alice", expiresAt: NOW + 4000 });
+    mock.timers.tick(2000);
+    await settle();
+    assert.deepEqual(socket().sentOfType("auth").map((f) => f.token), ["t2"]);
+    client.setToken("t3");
+    await settle();
+    assert.equal(socket().sentOfType("auth").length, 1, "one auth frame at a time");
+    socket().receive({ type: "auth-ok", expiresAt: NOW + 600_000 });
+    await settle();
+    assert.deepEqual(socket().sentOfType("auth").map((f) => f.token), ["t2", "t3"]);
+    client.close();
+  });
+
   test("no refresh without an expiry: a gateway without keys, and hostile expiresAt values", async () => {
     for (const principal of [null, { sub: "a", expiresAt: null }, { sub: "a", expiresAt: "soon" },
       { sub: "a", expiresAt: Number.NaN }, { sub: "a", expiresAt: 1e300 }, "alice", [1]]) {
