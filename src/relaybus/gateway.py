@@ -380,6 +380,9 @@ class GatewayFactory(WebSocketServerFactory):
             closeHandshakeTimeout=5,
             allowedOrigins=["*"],
             allowNullOrigin=True,
+            # Autobahn answers a plain GET of /ws with a status page (and a 303 to any
+            # ?redirect= URL: an open redirect) before onConnect sees it: never.
+            webStatus=False,
             # Send a close frame with the reason (1009 too big, 1007 bad UTF-8) rather than
             # dropping TCP, so clients can tell what happened.
             failByDrop=False,

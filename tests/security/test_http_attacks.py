@@ -114,3 +114,20 @@ def test_oversized_headers_are_refused(makeStack: Any, connect: Any, name: str,
     assert answerOf(sock).startswith(b"HTTP/1.1 " + status), name
     sock.close()
     assert good.call("echo", "still here").data == "still here"
+
+
+@pytest.mark.parametrize("path", [b"/ws", b"/ws?redirect=https%3A%2F%2Fevil.example%2F"])
+def test_a_plain_get_of_the_websocket_path_is_no_status_page_or_redirect(
+        makeStack: Any, connect: Any, path: bytes) -> None:
+    """Autobahn's own status page (server software, and a 303 to any ?redirect= URL) would
+    answer before onConnect, so before any token or Origin check: it is turned off."""
+    stack = makeStack("memory")
+    good = connect(stack)
+    sock = rawConnection(stack)
+    sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    answer = answerOf(sock)
+    sock.close()
+    status = answer.split(b"\r\n", 1)[0]
+    assert status.startswith(b"HTTP/1.1 4"), answer[:200]
+    assert b"evil.example" not in answer and b"Autobahn" not in answer
+    assert good.call("echo", "still here").data == "still here"
