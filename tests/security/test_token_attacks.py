@@ -203,3 +203,22 @@ def test_a_request_flood_beyond_the_rate_is_refused_and_others_are_served(
     assert all(o.terminal["error"]["retryAfterMs"] > 0 for o in refused)
     assert good.call("echo", "still here").data == "still here"
     assert stack.gateway.metrics()["relaybus_requests_rate_limited_total"] == len(refused)
+
+
+def test_a_wrong_or_missing_issuer_gets_401(tmp_path: Path, makeStack: Any,
+                                            connect: Any) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    stack = makeStack("memory", ["--jwt-secret-file", str(secret),
+                                 "--jwt-issuer", "https://idp.example"])
+    good = connect(stack, **bearer(hs256(claims(iss="https://idp.example"))))
+    for token, reason in [
+            (hs256(claims(iss="https://evil.example")), "wrong issuer"),
+            (hs256(claims(iss="https://idp.example.evil.io")), "wrong issuer"),
+            (hs256(claims(iss="HTTPS://IDP.EXAMPLE")), "wrong issuer"),
+            (hs256(claims()), "missing claim: iss")]:
+        response = refused(connect, stack, **bearer(token))
+        assert (response.status_code, response.reason_phrase) == (401, reason), token
+    assert good.call("echo", "still here").data == "still here"
+    metrics = stack.gateway.metrics()
+    assert metrics['relaybus_handshakes_refused_total{reason="unauthorized"}'] == 4
