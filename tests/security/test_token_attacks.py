@@ -141,11 +141,13 @@ def test_a_token_in_the_query_string_never_reaches_a_log(secured: Any, connect: 
         assert secret not in log and secret.split(".")[2] not in log
 
 
-def test_an_expired_token_closes_the_connection_with_4401(tmp_path: Path, makeStack: Any,
-                                                           connect: Any) -> None:
+def test_an_expired_token_closes_the_connection_with_4401(
+        tmp_path: Path, provider: str, makeStack: Any, connect: Any) -> None:
+    """On RabbitMQ the handler runs in a real relaybus-worker, told by a cancel notice."""
     secret = tmp_path / "secret"
     secret.write_bytes(SECRET)
-    stack = makeStack("memory", ["--jwt-secret-file", str(secret), "--jwt-leeway", "0"])
+    stack = makeStack(provider, ["--jwt-secret-file", str(secret), "--jwt-leeway", "0"])
+    good = connect(stack, **bearer(hs256(claims(sub="bob", expiresIn=600))))
     client = connect(stack, **bearer(hs256(claims(expiresIn=3))))
     requestId = client.request("testRequest", {"count": 100, "delayMs": 100},
                                timeoutMs=60_000)
@@ -154,6 +156,8 @@ def test_an_expired_token_closes_the_connection_with_4401(tmp_path: Path, makeSt
     assert client.waitClosed(timeout=15) == 4401
     stack.waitForHandlerLog(r"Stopped testRequest [0-9a-f]{32}: cancelled by the gateway "
                             r"\(disconnected\)", mark)
+    assert good.call("echo", "still here").data == "still here"
+    assert stack.gateway.metrics()["relaybus_tokens_expired_total"] == 1
 
 
 def test_a_refresh_with_another_sub_is_refused(secured: Any) -> None:
