@@ -41,11 +41,14 @@ UNAUTHORIZED_STATUS = 401
 CLOSE_TOKEN_EXPIRED = 4401
 
 # Anything that looks like a token where a log line could show it: the query parameter (in a
-# URI or a Referer), a bearer subprotocol entry, an Authorization header value.
+# URI or a Referer), a bearer subprotocol entry, an Authorization header value, and a bare JWT
+# (a JWS in compact form: its header is base64url JSON, so it starts with "eyJ"; the signature
+# may be empty, as in alg "none").
 _SECRETS_IN_TEXT = re.compile(
     r"(?i)(access_token=)[^&\s\"']*"
     r"|(" + re.escape(BEARER_SUBPROTOCOL_PREFIX) + r")[A-Za-z0-9_-]*"
-    r"|(bearer\s+)[A-Za-z0-9._~+/=-]+")
+    r"|(bearer\s+)[A-Za-z0-9._~+/=-]+"
+    r"|(?-i:eyJ)[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 
 FORBIDDEN_STATUS = 403
@@ -149,8 +152,9 @@ def chosenSubprotocol(offered: Sequence[str]) -> str | None:
 
 
 def redactSecrets(text: str) -> str:
+    """`text` with every token-looking value replaced by `[redacted]` (for log lines)."""
     return _SECRETS_IN_TEXT.sub(
-        lambda m: (m.group(1) or m.group(2) or m.group(3)) + "[redacted]", text)
+        lambda m: (m.group(1) or m.group(2) or m.group(3) or "") + "[redacted]", text)
 
 
 def redactingLogFormatter(timestamp: str, request: Request) -> str:

@@ -35,6 +35,7 @@ from relaybus.admission import (
     OriginPolicy,
     chosenSubprotocol,
     redactingLogFormatter,
+    redactSecrets,
 )
 from relaybus.config import GatewayConfig
 from relaybus.correlation import CorrelationTable
@@ -320,9 +321,10 @@ class GatewayProtocol(WebSocketServerProtocol):
         for entry in frame.entries[:granted]:
             level = {"debug": clientLog.debug, "info": clientLog.info, "warn": clientLog.warn,
                      "error": clientLog.error}[entry.level]
+            # Tokens out first (a "Bearer\n<jwt>" is still one), then no forged lines.
             level("[{connectionId} {peer}] {message}", connectionId=self.connectionId,
-                  peer=peer, message=escapeControlCharacters(entry.message),
-                  context=entry.context, clientTimestamp=entry.timestamp)
+                  peer=peer, message=escapeControlCharacters(redactSecrets(entry.message)),
+                  context=_redactedContext(entry.context), clientTimestamp=entry.timestamp)
         self._logEntriesDropped += len(frame.entries) - granted
         self.factory.clientLogEntriesDropped += len(frame.entries) - granted
         if self._logEntriesDropped:
@@ -343,6 +345,28 @@ class GatewayProtocol(WebSocketServerProtocol):
             ErrorCode.OVERLOADED,
             f"client-log rate limit ({limits.clientLogPerSecond} entries/s, burst "
             f"{limits.clientLogBurst}) exceeded: {dropped} entries dropped")))
+
+
+def _redactedContext(context: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A copy of a client-log context with redactSecrets applied to every string in it, keys
+    included (for log observers that write the event's fields). Iterative: a context may be
+    nested as deep as the JSON parser allowed."""
+    if context is None:
+        return None
+    copy: dict[str, Any] = {}
+    pending: list[tuple[Any, Any]] = [(context, copy)]
+    while pending:
+        source, target = pending.pop()
+        items = source.items() if isinstance(source, dict) else enumerate(source)
+        for key, value in items:
+            if isinstance(value, dict | list):
+                child: Any = {} if isinstance(value, dict) else [None] * len(value)
+                pending.append((value, child))
+                value = child
+            elif isinstance(value, str):
+                value = redactSecrets(value)
+            target[redactSecrets(key) if isinstance(key, str) else key] = value
+    return copy
 
 
 class GatewayFactory(WebSocketServerFactory):

@@ -157,8 +157,9 @@ class JWTChecker:
             raise _refuse("wrong audience") from None
         except jwt.InvalidIssuerError:
             raise _refuse("wrong issuer") from None
-        except jwt.MissingRequiredClaimError as e:
-            raise _refuse(f"missing claim: {'sub' if e.claim == 'sub' else 'exp'}") from None
+        except jwt.MissingRequiredClaimError as e:  # exp, sub; aud and iss when checked
+            claim = e.claim if e.claim in ("sub", "exp", "aud", "iss") else "exp"
+            raise _refuse(f"missing claim: {claim}") from None
         except jwt.InvalidAlgorithmError:
             raise _refuse("algorithm not allowed") from None
         except jwt.exceptions.InvalidSubjectError:

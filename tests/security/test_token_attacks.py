@@ -141,11 +141,13 @@ def test_a_token_in_the_query_string_never_reaches_a_log(secured: Any, connect: 
         assert secret not in log and secret.split(".")[2] not in log
 
 
-def test_an_expired_token_closes_the_connection_with_4401(tmp_path: Path, makeStack: Any,
-                                                           connect: Any) -> None:
+def test_an_expired_token_closes_the_connection_with_4401(
+        tmp_path: Path, provider: str, makeStack: Any, connect: Any) -> None:
+    """On RabbitMQ the handler runs in a real relaybus-worker, told by a cancel notice."""
     secret = tmp_path / "secret"
     secret.write_bytes(SECRET)
-    stack = makeStack("memory", ["--jwt-secret-file", str(secret), "--jwt-leeway", "0"])
+    stack = makeStack(provider, ["--jwt-secret-file", str(secret), "--jwt-leeway", "0"])
+    good = connect(stack, **bearer(hs256(claims(sub="bob", expiresIn=600))))
     client = connect(stack, **bearer(hs256(claims(expiresIn=3))))
     requestId = client.request("testRequest", {"count": 100, "delayMs": 100},
                                timeoutMs=60_000)
@@ -154,6 +156,8 @@ def test_an_expired_token_closes_the_connection_with_4401(tmp_path: Path, makeSt
     assert client.waitClosed(timeout=15) == 4401
     stack.waitForHandlerLog(r"Stopped testRequest [0-9a-f]{32}: cancelled by the gateway "
                             r"\(disconnected\)", mark)
+    assert good.call("echo", "still here").data == "still here"
+    assert stack.gateway.metrics()["relaybus_tokens_expired_total"] == 1
 
 
 def test_a_refresh_with_another_sub_is_refused(secured: Any) -> None:
@@ -203,3 +207,22 @@ def test_a_request_flood_beyond_the_rate_is_refused_and_others_are_served(
     assert all(o.terminal["error"]["retryAfterMs"] > 0 for o in refused)
     assert good.call("echo", "still here").data == "still here"
     assert stack.gateway.metrics()["relaybus_requests_rate_limited_total"] == len(refused)
+
+
+def test_a_wrong_or_missing_issuer_gets_401(tmp_path: Path, makeStack: Any,
+                                            connect: Any) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    stack = makeStack("memory", ["--jwt-secret-file", str(secret),
+                                 "--jwt-issuer", "https://idp.example"])
+    good = connect(stack, **bearer(hs256(claims(iss="https://idp.example"))))
+    for token, reason in [
+            (hs256(claims(iss="https://evil.example")), "wrong issuer"),
+            (hs256(claims(iss="https://idp.example.evil.io")), "wrong issuer"),
+            (hs256(claims(iss="HTTPS://IDP.EXAMPLE")), "wrong issuer"),
+            (hs256(claims()), "missing claim: iss")]:
+        response = refused(connect, stack, **bearer(token))
+        assert (response.status_code, response.reason_phrase) == (401, reason), token
+    assert good.call("echo", "still here").data == "still here"
+    metrics = stack.gateway.metrics()
+    assert metrics['relaybus_handshakes_refused_total{reason="unauthorized"}'] == 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from workers.examples import TestRequestHandler
 from zope.interface import implementer
 
 from relaybus.interfaces import IRequestHandler, IRequestStream
@@ -32,3 +33,12 @@ class MyClaims:
 
 
 myclaims = MyClaims()
+
+
+class Slow(TestRequestHandler):
+    """testRequest under another name: a slow stream that a policy can forbid on its own."""
+
+    requestType = "slow"
+
+
+slow = Slow()

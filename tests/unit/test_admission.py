@@ -110,6 +110,23 @@ def test_redaction_leaves_no_token(text: str) -> None:
     assert "[redacted]" in redacted
 
 
+@pytest.mark.parametrize("text", [
+    f"my token is {TOKEN}, keep it",
+    f"alg none: {TOKEN.rsplit('.', 1)[0]}.",
+    f"Bearer\n{TOKEN}",
+    f"json {{\"t\":\"{TOKEN}\"}}",
+])
+def test_a_bare_jwt_is_redacted_wherever_it_stands(text: str) -> None:
+    redacted = redactSecrets(text)
+    assert TOKEN.split(".")[1] not in redacted and "[redacted]" in redacted
+
+
+@pytest.mark.parametrize("text", ["eyjafjallajokull.is.loud", "EYJX.y.z", "version 1.2.3",
+                                  "eyJonly-one-part", "a.b.c"])
+def test_text_that_only_resembles_a_jwt_is_left_alone(text: str) -> None:
+    assert redactSecrets(text) == text
+
+
 def test_the_access_log_line_carries_no_token() -> None:
     request: Any = DummyRequest([b"ws"])
     request.uri = f"/ws?access_token={TOKEN}".encode()

@@ -160,6 +160,33 @@ def test_client_log_is_logged_escaped_and_answers_nothing(gw: Gateway) -> None:
     assert event["log_level"].name == "warn"
 
 
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
+
+
+def test_client_log_tokens_are_redacted_in_the_message_and_the_context(gw: Gateway) -> None:
+    deep: Any = JWT
+    for _ in range(500):
+        deep = [deep]
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        client = gw.connect()
+        client.messages()
+        client.sendJSON({"type": "client-log", "level": "info",
+                         "message": f"token {JWT} or Authorization: Bearer\n{JWT}",
+                         "context": {"token": JWT, JWT: [1, {"h": f"Bearer {JWT}"}],
+                                     "deep": deep, "n": 1}})
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert client.messages() == []
+    [event] = [e for e in events if e.get("log_namespace") == "relaybus.clientlog"]
+    assert event["message"] == "token [redacted] or Authorization: Bearer\\x0a[redacted]"
+    context = event["context"]
+    assert context["token"] == "[redacted]" and context["n"] == 1
+    assert context["[redacted]"] == [1, {"h": "Bearer [redacted]"}]
+    assert JWT.split(".")[1] not in repr(context)
+
+
 class ClientLogEvents:
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []

@@ -33,6 +33,7 @@ NOW = 1_764_000_000
 SECRET = b"s" * 40
 REASONS = {"token too large", "malformed token", "algorithm not allowed", "bad signature",
            "wrong audience", "wrong issuer", "missing claim: sub", "missing claim: exp",
+           "missing claim: aud", "missing claim: iss",
            "token expired", "token not yet valid", "unknown key id", "malformed claim: sub",
            "malformed claim: exp", "malformed claim: nbf"}
 
@@ -129,6 +130,11 @@ def test_audience_and_issuer_are_checked_when_configured(tmp_path: Path) -> None
         "wrong audience"
     assert refusal(checker, jwt.encode({**good, "iss": "https://evil"}, SECRET, "HS256")) == \
         "wrong issuer"
+    # Not "missing claim: exp" (PyJWT names the claim that is missing).
+    assert refusal(checker, jwt.encode(claims(aud="relaybus"), SECRET, "HS256")) == \
+        "missing claim: iss"
+    assert refusal(checker, jwt.encode(claims(iss="https://idp.example"), SECRET, "HS256")) == \
+        "missing claim: aud"
     unchecked = hmacChecker(tmp_path)  # not configured: not checked
     assert unchecked.verify(jwt.encode({**good, "aud": "any"}, SECRET, "HS256"))
 
