@@ -171,7 +171,9 @@ class AgentJWKSFetcher:
             b"accept": [b"application/jwk-set+json, application/json"],
             b"user-agent": [b"relaybus"]}))
         d.addCallback(self._body)
-        d.addTimeout(self._timeoutS, self._reactor)
+        # However the cancellation surfaces (the Agent wraps it in ResponseNeverReceived), a
+        # fetch cut off by the timeout fails as a timeout.
+        d.addTimeout(self._timeoutS, self._reactor, onTimeoutCancel=self._timedOut)
         d.addErrback(self._asFetchError)
         return d
 
@@ -185,6 +187,9 @@ class AgentJWKSFetcher:
         body = _CappedBody(self._maxBytes)
         response.deliverBody(body)
         return body.done
+
+    def _timedOut(self, result: object, timeoutS: float) -> Failure:
+        return Failure(JWKSFetchError(f"no answer within {timeoutS:g} s"))
 
     def _asFetchError(self, failure: Failure) -> Failure:
         if failure.check(JWKSFetchError, CancelledError):
