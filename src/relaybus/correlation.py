@@ -197,6 +197,14 @@ class CorrelationTable:
             self._notifyWorkers(entry, "gateway_error")
 
     def _routeReply(self, entry: PendingRequest, reply: ReplyMessage) -> None:
+        if reply.violation is not None:
+            log.warn("Ended {correlationId} ({requestType}): the worker sent {violation}",
+                     correlationId=entry.correlationId, requestType=entry.requestType,
+                     violation=reply.violation)
+            self._finish(entry, RelaybusError(ErrorCode.HANDLER_ERROR,
+                                              f"the worker sent {reply.violation}"))
+            self._notifyWorkers(entry, "handler_error")
+            return
         # A bus-side guard: a body over the client's limit is refused before the gateway spends
         # time and memory decoding it. The frame made of a smaller one is held to the limit by
         # the connection (IClientConnection).
@@ -211,6 +219,7 @@ class CorrelationTable:
         except (ValueError, UnicodeDecodeError):
             self._finish(entry, RelaybusError(ErrorCode.HANDLER_ERROR,
                                               "the worker sent a reply that is not JSON"))
+            self._notifyWorkers(entry, "handler_error")
             return
         if reply.kind == ReplyKind.CHUNK:
             self._forwardChunk(entry, reply.seq, data)
@@ -328,11 +337,17 @@ class CorrelationTable:
 
 
 def _workerError(data: Any) -> RelaybusError:
-    """A worker's error reply, held to the codes a worker may use."""
+    """A worker's error reply, held to the codes a worker may use. `cancelled` is not one of
+    them for a request still open: the gateway ends a request before it tells workers to
+    cancel it, so a worker's `cancelled` that still finds its request was nobody's cancel,
+    and the client must not mistake it for the answer to its own."""
     if isinstance(data, dict):
         code, message = data.get("code"), data.get("message")
         if not isinstance(message, str):
             message = "the worker failed"
+        if code == ErrorCode.CANCELLED:
+            return RelaybusError(ErrorCode.HANDLER_ERROR,
+                                 f"the worker cancelled the request by itself: {message}")
         if isinstance(code, str) and code in WORKER_ERROR_CODES:
             return RelaybusError(code, message)
         return RelaybusError(ErrorCode.HANDLER_ERROR, message)

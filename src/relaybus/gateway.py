@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 from zope.interface import implementer
 
 from relaybus.admission import (
@@ -54,6 +54,7 @@ from relaybus.frames import (
     helloFrame,
     parseClientFrame,
 )
+from relaybus.httplimits import GatewaySite, RequestLimits
 from relaybus.identity import Principal
 from relaybus.interfaces import IClientConnection, IRequestBus
 from relaybus.ratelimits import PerAddressLimits, TokenBucket, clientAddress
@@ -453,7 +454,7 @@ class _BrowserLibrary(Resource):
 
 
 def makeSite(factory: GatewayFactory, bus: IRequestBus, isDraining: Any,
-             metrics: Resource, keysReady: Callable[[], bool] = lambda: True) -> Site:
+             metrics: Resource, keysReady: Callable[[], bool] = lambda: True) -> GatewaySite:
     """`keysReady`: False until --jwks-url's first set is loaded (/readyz says not ready)."""
     root = Resource()
     root.putChild(b"metrics", metrics)
@@ -464,4 +465,9 @@ def makeSite(factory: GatewayFactory, bus: IRequestBus, isDraining: Any,
     root.putChild(b"healthz", _Health(lambda: True))
     root.putChild(b"readyz", _Health(lambda: bus.isReady() and not isDraining()
                                      and keysReady()))
-    return Site(root, logFormatter=redactingLogFormatter)
+    config = factory.config
+    limits = RequestLimits(deadlineS=config.openHandshakeTimeoutS,
+                           maxPendingPerPeer=config.maxConnectionsPerIp,
+                           trustedProxies=factory.trustedProxies, clock=factory.clock,
+                           refused=factory.handshakesRefused)
+    return GatewaySite(root, limits, logFormatter=redactingLogFormatter)

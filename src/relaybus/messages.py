@@ -40,6 +40,9 @@ class ReplyMessage:
     kind: ReplyKind
     body: bytes  # JSON: chunk/response data, or {"code", "message"} for errors
     seq: int | None = None  # chunks only: 0, 1, 2, ... per request
+    # Why a reply that names its request breaks the contract (an unknown type, a seq that is
+    # not an integer): the gateway ends that request with handler_error and tells the worker.
+    violation: str | None = None
 
 
 @attrs.frozen

@@ -202,7 +202,8 @@ class GatewayOptions(_EnvironmentOptions):
         ["auto-ping-timeout", None, _GATEWAY.autoPingTimeoutS,
          "Seconds to wait for a pong before dropping the client.", _positiveFloat],
         ["open-handshake-timeout", None, _GATEWAY.openHandshakeTimeoutS,
-         "Seconds a client has to finish the WebSocket handshake.", _positiveFloat],
+         "Seconds a client has to send its whole HTTP (upgrade) request from connecting, and "
+         "again to finish the WebSocket handshake after it.", _positiveFloat],
         ["drain-timeout", None, _GATEWAY.drainTimeoutS,
          "Seconds to let requests finish on shutdown.", _positiveFloat],
         ["worker-concurrency", None, _GATEWAY.workerConcurrency,

@@ -50,10 +50,10 @@ def clientAddress(peerHost: str, forwardedFor: str | None,
     """The client's address: the peer's, unless the peer is a trusted proxy; then the
     rightmost X-Forwarded-For entry that is not a trusted proxy (entries left of it could
     have been written by the client itself)."""
-    if not trustedProxies or not _within(peerHost, trustedProxies):
+    if not trustedProxies or not within(peerHost, trustedProxies):
         return peerHost
     for entry in reversed([e.strip() for e in (forwardedFor or "").split(",") if e.strip()]):
-        if not _within(entry, trustedProxies):
+        if not within(entry, trustedProxies):
             return entry if _isAddress(entry) else peerHost
     return peerHost
 
@@ -66,7 +66,7 @@ def _isAddress(text: str) -> bool:
     return True
 
 
-def _within(host: str, networks: Sequence[IPNetwork]) -> bool:
+def within(host: str, networks: Sequence[IPNetwork]) -> bool:
     try:
         address = ipaddress.ip_address(host)
     except ValueError:

@@ -329,18 +329,41 @@ def test_reply_arrived_goes_to_the_receiver(gw: Gateway, kind: str) -> None:
         "c-1", "gw-1", ReplyKind(kind), b'"data"', 3 if kind == "chunk" else None)]
 
 
-@pytest.mark.parametrize(("kind", "correlationId"), [("request", "c-1"), (None, "c-1"),
-                                                     ("chunk", None), ("response", "")])
-def test_unusable_replies_are_dropped(gw: Gateway, kind: str | None,
-                                      correlationId: str | None) -> None:
+@pytest.mark.parametrize(("kind", "correlationId"), [("chunk", None), ("response", "")])
+def test_replies_without_a_correlation_id_are_dropped(gw: Gateway, kind: str | None,
+                                                      correlationId: str | None) -> None:
     gw.reply(requestProperties(correlationId, kind=kind))
     assert gw.receiver.replies == []
 
 
-@pytest.mark.parametrize("seq", ["3", 1.5, None])
-def test_reply_seq_that_is_not_an_integer_is_none(gw: Gateway, seq: Any) -> None:
+@pytest.mark.parametrize(("kind", "shown"), [
+    ("request", "'request'"), (None, "None"), ("x" * 100, "'" + "x" * 36 + "...")])
+def test_a_reply_of_unknown_type_for_a_request_is_a_violation(gw: Gateway, kind: str | None,
+                                                              shown: str) -> None:
+    gw.reply(requestProperties("c-1", kind=kind))
+    [reply] = gw.receiver.replies
+    assert reply.correlationId == "c-1"
+    assert reply.violation == f"a reply of type {shown} (not chunk, response or error)"
+
+
+@pytest.mark.parametrize("seq", ["3", "0", 1.5, 2.0, -1, True, b"7"])
+def test_a_chunk_seq_that_is_not_a_non_negative_integer_is_a_violation(gw: Gateway,
+                                                                       seq: Any) -> None:
     gw.reply(requestProperties("c-1", headers={"relaybus-seq": seq}, kind="chunk"))
-    assert gw.receiver.replies[0].seq is None
+    [reply] = gw.receiver.replies
+    assert reply.violation is not None and "relaybus-seq" in reply.violation
+
+
+def test_a_chunk_without_seq_and_a_seq_on_other_replies_are_legal(gw: Gateway) -> None:
+    gw.reply(requestProperties("c-1", headers={"relaybus-seq": None}, kind="chunk"))
+    gw.reply(requestProperties("c-1", headers={"relaybus-seq": "junk"}, kind="response"))
+    assert [(r.kind, r.seq, r.violation) for r in gw.receiver.replies] == [
+        (ReplyKind.CHUNK, None, None), (ReplyKind.RESPONSE, None, None)]
+
+
+def test_a_cancel_notice_has_no_content_type() -> None:
+    properties = codec.cancelProperties(CancelNotice("c-1", "echo", "timeout"))
+    assert properties.content_type is None and properties.type == "cancel"
 
 
 def test_losing_the_connection_interrupts_the_receiver(gw: Gateway) -> None:

@@ -16,7 +16,7 @@ from relaybus.config import Limits
 from relaybus.correlation import CorrelationTable
 from relaybus.errors import WORKER_ERROR_CODES, ErrorCode, RelaybusError
 from relaybus.frames import RequestFrame
-from relaybus.messages import CancelNotice, RequestMessage
+from relaybus.messages import CancelNotice, ReplyKind, ReplyMessage, RequestMessage
 from relaybus.strictjson import encodeJSON
 from relaybus.testing import FakeClientConnection, FakeRequestBus
 
@@ -204,6 +204,17 @@ def _notJSON(gw: Gateway, message: RequestMessage) -> None:
     gw.reply(message, "response", body=b"{not json")
 
 
+def _violation(gw: Gateway, message: RequestMessage) -> None:
+    assert gw.bus.receiver is not None
+    gw.bus.receiver.replyReceived(ReplyMessage(
+        message.correlationId, message.replyTo, ReplyKind.CHUNK, b"1",
+        violation="a chunk whose relaybus-seq is '0' (not an integer >= 0)"))
+
+
+def _selfCancelled(gw: Gateway, message: RequestMessage) -> None:
+    gw.reply(message, "error", {"code": "cancelled", "message": "nobody asked"})
+
+
 ENDINGS: list[Any] = [
     # ending, terminal frame (type or error code), cancel notice reason for workers
     pytest.param(_response, "response", None, id="response"),
@@ -216,7 +227,9 @@ ENDINGS: list[Any] = [
     pytest.param(_publishBroken, "unavailable", None, id="publish-other-failure"),
     pytest.param(_drainTimeout, "shutting_down", "shutting_down", id="drain-timeout"),
     pytest.param(_tooLarge, "payload_too_large", "payload_too_large", id="payload-too-large"),
-    pytest.param(_notJSON, "handler_error", None, id="reply-not-json"),
+    pytest.param(_notJSON, "handler_error", "handler_error", id="reply-not-json"),
+    pytest.param(_violation, "handler_error", "handler_error", id="reply-violation"),
+    pytest.param(_selfCancelled, "handler_error", None, id="worker-cancelled-by-itself"),
 ]
 
 
@@ -540,7 +553,23 @@ def test_reply_that_is_not_json_is_handler_error(gw: Gateway, kind: str, body: b
     assert len(table) == 0
 
 
-@pytest.mark.parametrize("code", sorted(str(c) for c in WORKER_ERROR_CODES))
+def test_a_contract_violation_ends_the_request_with_what_the_worker_did(gw: Gateway) -> None:
+    _, message = gw.accept()
+    _violation(gw, message)
+    assert terminal(gw.conn, "r-1")["error"] == {
+        "code": "handler_error",
+        "message": "the worker sent a chunk whose relaybus-seq is '0' (not an integer >= 0)"}
+
+
+def test_a_workers_own_cancelled_is_not_mistaken_for_the_clients_cancel(gw: Gateway) -> None:
+    _, message = gw.accept()
+    _selfCancelled(gw, message)
+    assert terminal(gw.conn, "r-1")["error"] == {
+        "code": "handler_error",
+        "message": "the worker cancelled the request by itself: nobody asked"}
+
+
+@pytest.mark.parametrize("code", sorted(str(c) for c in WORKER_ERROR_CODES - {"cancelled"}))
 def test_worker_error_codes_that_workers_may_use_pass_through(gw: Gateway, code: str) -> None:
     _, message = gw.accept()
     gw.reply(message, "error", {"code": code, "message": "why"})

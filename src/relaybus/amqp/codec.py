@@ -74,20 +74,35 @@ def replyProperties(reply: ReplyMessage) -> pika.BasicProperties:
 
 def replyFromAmqp(properties: pika.BasicProperties, body: bytes,
                   replyTo: str) -> ReplyMessage | None:
-    """None when it cannot be routed (an unknown type, no correlation_id). A seq that is not
-    an integer counts as absent."""
-    kind = properties.type
-    if kind not in ReplyKind._value2member_map_ or not properties.correlation_id:
+    """None without a correlation_id: nothing names the request. A reply that names it but
+    breaks the contract (docs/protocol.md, "Replies") carries the violation, so that the
+    gateway ends that request rather than drop the reply and leave it to its deadline."""
+    correlationId = properties.correlation_id
+    if not correlationId:
         return None
+    kind = properties.type
+    if kind not in ReplyKind._value2member_map_:
+        return ReplyMessage(correlationId, replyTo, ReplyKind.ERROR, body, violation=(
+            f"a reply of type {shownValue(kind)} (not chunk, response or error)"))
     seq = _headers(properties).get(HEADER_SEQ)
-    return ReplyMessage(correlationId=properties.correlation_id, replyTo=replyTo,
-                        kind=ReplyKind(kind), body=body,
-                        seq=seq if isinstance(seq, int) else None)
+    if kind != ReplyKind.CHUNK or seq is None:
+        return ReplyMessage(correlationId, replyTo, ReplyKind(kind), body)
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        return ReplyMessage(correlationId, replyTo, ReplyKind.CHUNK, body, violation=(
+            f"a chunk whose relaybus-seq is {shownValue(seq)} (not an integer >= 0)"))
+    return ReplyMessage(correlationId, replyTo, ReplyKind.CHUNK, body, seq)
+
+
+def shownValue(value: object) -> str:
+    """A worker's value in a log line or an error message: its repr, cut short."""
+    text = repr(value.decode("utf-8", "replace") if isinstance(value, bytes) else value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def cancelProperties(notice: CancelNotice) -> pika.BasicProperties:
-    return _properties(correlation_id=notice.correlationId, type="cancel",
-                       headers={HEADER_CANCEL_REASON: notice.reason})
+    # No content_type: the body is empty, not JSON.
+    return pika.BasicProperties(delivery_mode=TRANSIENT, correlation_id=notice.correlationId,
+                                type="cancel", headers={HEADER_CANCEL_REASON: notice.reason})
 
 
 def cancelFromAmqp(routingKey: str, properties: pika.BasicProperties) -> CancelNotice | None:

@@ -129,8 +129,8 @@ class AmqpRequestBus(MultiService):
     def _replyArrived(self, message: ReceivedMessage) -> None:
         reply = codec.replyFromAmqp(message.properties, message.body, self.replyTo)
         if reply is None:
-            log.warn("Dropped a reply with type {kind!r} and no usable correlation_id",
-                     kind=message.properties.type)
+            log.warn("Dropped a reply without a correlation_id (type {kind})",
+                     kind=codec.shownValue(message.properties.type))
             return
         if self._receiver is not None:
             self._receiver.replyReceived(reply)
