@@ -50,6 +50,9 @@ class GatewayConfig:
     autoPingTimeoutS: float = 10.0
     openHandshakeTimeoutS: float = 10.0
     drainTimeoutS: float = 10.0
+    # Requests of a requestType whose queue has had no consumer this long end with
+    # worker_lost instead of waiting for their deadlines (0: never; RabbitMQ only).
+    workerAbsentGraceS: float = 5.0
     workerConcurrency: int = 10  # for handlers run in-process
     # What a client that stops reading may cost: bytes queued for it beyond Twisted's own
     # 64 KiB write buffer before the gateway closes it with 1008.

@@ -178,6 +178,18 @@ class CorrelationTable:
 
     # Bus side
 
+    def pendingRequestTypes(self) -> set[str]:
+        return {entry.requestType for entry in self._pending.values()}
+
+    def endWithoutWorker(self, requestType: str, why: str) -> int:
+        """End every pending request of requestType with worker_lost (no worker consumes it
+        any more: AbsentWorkerWatch); returns how many."""
+        entries = [e for e in self._pending.values() if e.requestType == requestType]
+        for entry in entries:
+            self._finish(entry, RelaybusError(ErrorCode.WORKER_LOST, why))
+            self._notifyWorkers(entry, "worker_lost")
+        return len(entries)
+
     def replyReceived(self, reply: ReplyMessage) -> None:
         entry = self._pending.get(reply.correlationId)
         if entry is None:

@@ -44,6 +44,11 @@ class IRequestBus(Interface):
     def publishCancel(notice: CancelNotice) -> None:
         """Tell workers a CancelNotice; best effort, returns nothing."""
 
+    def consumersOf(requestType: str) -> Deferred[int | None]:
+        """How many workers consume requestType's requests right now, as the broker counts
+        them; None when the bus cannot tell (not connected, no such queue, or a bus whose
+        workers cannot vanish)."""
+
 
 class IRequestReceiver(Interface):
     """The worker side of a bus: where requests and cancellations are delivered."""

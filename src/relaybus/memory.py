@@ -90,6 +90,9 @@ class MemoryBus(Service):
         self._later(lambda: self._pump(message.requestType))
         return succeed(None)
 
+    def consumersOf(self, requestType: str) -> Deferred[int | None]:
+        return succeed(None)  # in-process handlers live as long as the gateway
+
     def publishCancel(self, notice: CancelNotice) -> None:
         for consumer in self._consumers.get(notice.requestType, ()):
             self._later(functools.partial(consumer.receiver.cancelReceived, notice))

@@ -31,6 +31,7 @@ from relaybus.jwks import AgentJWKSFetcher, RemoteJWKS, checkJWKSURL
 from relaybus.memory import MemoryBus
 from relaybus.metrics import GatewayCollector, MetricsResource, gatewayRegistry
 from relaybus.worker import WorkerRuntime
+from relaybus.workerwatch import AbsentWorkerWatch
 
 log = Logger(namespace="relaybus.service")
 
@@ -124,6 +125,11 @@ class GatewayService(MultiService):
         self.authorizer = authorizer
         self.table = CorrelationTable(bus, reactor, config.limits, config.gatewayId,
                                       authorizer, config.forwardClaims)
+        self.workerWatch: AbsentWorkerWatch | None = None
+        if config.broker != "memory" and config.workerAbsentGraceS > 0:
+            self.workerWatch = AbsentWorkerWatch(self.table, bus, reactor,
+                                                 config.workerAbsentGraceS)
+            self.workerWatch.setServiceParent(self)
         authenticator = (None if checker is None else
                          Authenticator(checker, config.allowAnonymous, config.jwt.leewayS,
                                        config.jwtCookie))
@@ -154,6 +160,8 @@ class GatewayService(MultiService):
         steps: list[tuple[str, Callable[[], Any]]] = [
             ("stop listening", self.listener.stopService),
             *([("stop fetching the JWK Set", self.jwks.stopService)] if self.jwks else []),
+            *([("stop watching for absent workers", self.workerWatch.stopService)]
+              if self.workerWatch is not None else []),
             ("drain requests", lambda: self.table.drain(self.config.drainTimeoutS)),
             ("close connections", self.factory.closeAll),
         ]

@@ -14,6 +14,7 @@ import pika
 import pika.frame
 import pika.spec
 from pika.adapters.twisted_connection import ClosableDeferredQueue, ReceivedMessage
+from pika.exceptions import ChannelClosedByBroker
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -84,9 +85,15 @@ class FakeRequestBus:
     published: list[tuple[RequestMessage, Deferred[None]]] = attrs.field(factory=list)
     cancels: list[CancelNotice] = attrs.field(factory=list)
     receiver: IReplyReceiver | None = None
+    consumers: dict[str, int | None] = attrs.field(factory=dict)  # by requestType; else None
+    consumerQueries: list[str] = attrs.field(factory=list)
 
     def listen(self, receiver: IReplyReceiver) -> None:
         self.receiver = receiver
+
+    def consumersOf(self, requestType: str) -> Deferred[int | None]:
+        self.consumerQueries.append(requestType)
+        return succeed(self.consumers.get(requestType))
 
     def isReady(self) -> bool:
         return self.ready
@@ -212,6 +219,9 @@ class FakeChannel:
     cancelOks: list[Deferred[Any]] = attrs.field(factory=list)
     _returnCallbacks: list[Any] = attrs.field(factory=list)
     _serverNamedQueues: int = 0
+    # What a passive queue.declare reports: consumers by queue name; a queue missing here
+    # does not exist (the broker closes the channel with 404).
+    queueConsumers: dict[str, int] = attrs.field(factory=dict)
 
     def _declared(self, method: str, **arguments: Any) -> Deferred[Any]:
         self.declarations.append((method, arguments))
@@ -224,6 +234,13 @@ class FakeChannel:
         return self._declared("queue_bind", **arguments)
 
     def queue_declare(self, queue: str = "", **arguments: Any) -> Deferred[Any]:
+        if arguments.get("passive"):
+            self.declarations.append(("queue_declare", {"queue": queue, **arguments}))
+            if queue not in self.queueConsumers:
+                self.closeByBroker(ChannelClosedByBroker(404, f"NOT_FOUND - no queue '{queue}'"))
+                return fail(ChannelClosedByBroker(404, f"NOT_FOUND - no queue '{queue}'"))
+            return succeed(pika.frame.Method(1, pika.spec.Queue.DeclareOk(
+                queue=queue, consumer_count=self.queueConsumers[queue])))
         if not queue:
             self._serverNamedQueues += 1
             queue = f"amq.gen-{self._serverNamedQueues}"
@@ -313,9 +330,11 @@ class FakeAmqpConnection:
     holdConsumes: bool = False
     is_open: bool = True
     channels: list[FakeChannel] = attrs.field(factory=list)
+    queueConsumers: dict[str, int] = attrs.field(factory=dict)  # shared by its channels
 
     def channel(self) -> Deferred[FakeChannel]:
-        channel = FakeChannel(holdConsumes=self.holdConsumes)
+        channel = FakeChannel(holdConsumes=self.holdConsumes,
+                              queueConsumers=self.queueConsumers)
         self.channels.append(channel)
         return succeed(channel)
 

@@ -13,6 +13,11 @@ const harness = {
   runs: {}, // name -> what one request observed
   controllers: {}, // name -> its AbortController
 
+  token: null, // what the token function gives (the tests set it)
+  tokenCalls: [], // each call's {forceRefresh, reason}
+  authEvents: [], // each `auth` event's detail: {ok, expiresAt} or {ok, code, message}
+  unauthorized: [], // each `unauthorized` event's {reason, message}
+
   /** Open the client (URL: /ws on this page's own host, the library's default). */
   connect(options = {}) {
     this.client = relaybus.createClient(undefined, options);
@@ -20,7 +25,22 @@ const harness = {
     this.client.addEventListener("state", (event) => {
       this.states.push({ state: event.detail.state, code: event.detail.code ?? null });
     });
+    this.client.addEventListener("auth", (event) => this.authEvents.push(event.detail));
+    this.client.addEventListener("unauthorized", (event) => {
+      this.unauthorized.push({ reason: event.detail.reason, message: event.detail.message });
+    });
     return this.client.state;
+  },
+
+  /** Open the client with createClient({token}): an async function that gives `harness.token`. */
+  connectWithToken(options = {}) {
+    return this.connect({
+      ...options,
+      token: async (hint) => {
+        this.tokenCalls.push(hint);
+        return this.token;
+      },
+    });
   },
 
   /** Send a request that records its chunks (with their seq) and how it ended. */

@@ -138,9 +138,52 @@ def test_worker_killed_mid_stream_is_worker_lost_and_the_other_worker_carries_on
         "worker SIGKILL mid-stream", allowed={"response", "worker_lost"})
 
 
+def test_the_only_worker_killed_mid_stream_is_worker_lost_long_before_the_deadline(
+        handlerPath, makeStack, connect):
+    """No other worker can answer worker_lost after the redelivery: the gateway sees the
+    queue's consumers drop to 0 (--worker-absent-grace, 2 s here) and ends the request."""
+    stack = makeStack("rabbitmq", ["--worker-absent-grace", "2"], workers=1,
+                      workerArgs=WORKER_ARGS)
+    [victim] = stack.workers
+    client = connect(stack)
+    running = _stream(client, "faultStream", 600)  # a minute of chunks, 30 s deadline
+    client.waitForChunk(running)
+    victim.kill()
+    killedAt = time.monotonic()
+    outcome = client.collect(running)
+    lostAfter = time.monotonic() - killedAt
+    assert outcome.code == "worker_lost", outcome
+    assert outcome.terminal["error"]["message"] == (
+        "no worker has consumed requestType 'faultStream' for 2 s")
+    assert lostAfter < DEADLINE_MS / 1000 / 2, f"worker_lost came {lostAfter:.1f} s after"
+    # A new worker gets the request back (redelivered) and answers worker_lost too: the
+    # gateway has ended it, so the client hears nothing more of it.
+    replacement = stack.startWorker(*WORKER_ARGS)
+    client.assertQuiet(running)
+    assert _runs(replacement, running) == 0
+    assert "Ended 1 faultStream request(s): no worker has consumed them" in stack.gateway.log
+    print(f"the only worker SIGKILLed: worker_lost {lostAfter:.1f} s after the kill "
+          f"(grace 2 s), not at the {DEADLINE_MS / 1000:.0f} s deadline")
+
+
+def test_a_worker_restarted_within_the_grace_serves_what_waited_for_it(
+        handlerPath, makeStack, connect, waitUntil):
+    stack = makeStack("rabbitmq", ["--worker-absent-grace", "20"], workers=1,
+                      workerArgs=WORKER_ARGS)
+    [first] = stack.workers
+    assert first.stop() in (0, -signal.SIGTERM)
+    client = connect(stack)
+    queued = _stream(client, "faultStream", 2, delayMs=0)
+    queue = f"{stack.prefix}requests.faultStream"
+    waitUntil(lambda: stack.broker.messageCount(queue) == 1, "the request to wait in its queue")
+    stack.startWorker(*WORKER_ARGS)
+    _assertStreamed(client.collect(queued), 2, redelivered=False)
+
+
 def test_request_queued_without_a_consumer_times_out_and_is_never_run(
         handlerPath, makeStack, connect, waitUntil):
-    stack = makeStack("rabbitmq", workers=0)
+    # Without the absent-worker watch, a request nobody consumes waits for its deadline.
+    stack = makeStack("rabbitmq", ["--worker-absent-grace", "0"], workers=0)
     # A worker declares the request queues and goes: the queue exists, nobody consumes it.
     declaring = stack.startWorker(*WORKER_ARGS)
     assert declaring.stop() in (0, -signal.SIGTERM)

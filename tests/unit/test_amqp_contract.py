@@ -711,3 +711,25 @@ def test_the_buses_back_off_as_documented() -> None:
                              lambda r: None)
     assert link.backoff == Backoff()
     assert (Backoff().initialS, Backoff().maxS, Backoff().jitterShare) == (0.5, 10.0, 0.25)
+
+
+# The gateway's bus: how many workers consume a requestType (AbsentWorkerWatch asks)
+
+
+def test_consumers_of_a_request_type_come_from_a_passive_declare(gw: Gateway) -> None:
+    assert successResultOf(gw.bus.consumersOf("echo")) is None  # no such queue: 404
+    probe = gw.connection.channels[-1]
+    assert not probe.is_open and gw.bus.isReady()  # the 404 closed the probe channel only
+    gw.connection.queueConsumers["t.requests.echo"] = 3
+    assert successResultOf(gw.bus.consumersOf("echo")) == 3
+    fresh = gw.connection.channels[-1]
+    assert fresh is not probe  # reopened
+    assert successResultOf(gw.bus.consumersOf("echo")) == 3
+    assert gw.connection.channels[-1] is fresh  # and kept
+    assert fresh.declarations[-1] == ("queue_declare",
+                                      {"queue": "t.requests.echo", "passive": True})
+
+
+def test_consumers_cannot_be_told_without_a_connection(gw: Gateway) -> None:
+    gw.bus.connectionLost(Failure(ConnectionDone()))
+    assert successResultOf(gw.bus.consumersOf("echo")) is None

@@ -44,6 +44,9 @@ class AmqpRequestBus(MultiService):
         self._topology = topology
         self._receiver: IReplyReceiver | None = None
         self._publishing: TwistedChannel | None = None
+        self._connection: TwistedProtocolConnection | None = None
+        # For passive declares only: unwatched, since a 404 closes it (reopened when needed).
+        self._probing: TwistedChannel | None = None
         # Correlation ids of mandatory publishes awaiting their confirm, and those of them
         # the broker returned (no queue bound for their requestType).
         self._unconfirmed: set[str] = set()
@@ -75,9 +78,10 @@ class AmqpRequestBus(MultiService):
         self._unconfirmed.clear()
         self._returned.clear()
         self._publishing = publishing
+        self._connection = connection
 
     def connectionLost(self, reason: Failure) -> None:
-        self._publishing = None
+        self._publishing = self._connection = self._probing = None
         if self._receiver is not None:
             self._receiver.busInterrupted(reason)
 
@@ -109,6 +113,24 @@ class AmqpRequestBus(MultiService):
             return None
 
         return detached(published).addBoth(settled)
+
+    @inlineCallbacks
+    def consumersOf(self, requestType: str) -> Generator[Deferred[Any], Any, int | None]:
+        """A passive queue.declare of requestType's queue, whose DeclareOk counts its
+        consumers (AMQP tells publishers nothing when a consumer goes)."""
+        connection = self._connection
+        if connection is None or not self.isReady():
+            return None
+        try:
+            if self._probing is None or not self._probing.is_open:
+                self._probing = yield connection.channel()
+            declared = yield self._probing.queue_declare(
+                queue=self._topology.requestQueue(requestType), passive=True)
+        except Exception as e:  # a 404 (no such queue) closes the channel: reopen next time
+            log.debug("Counting the consumers of {requestType} failed: {e}",
+                      requestType=requestType, e=e)
+            return None
+        return int(declared.method.consumer_count)
 
     def _messageReturned(self, message: ReceivedMessage) -> None:
         """Kept only for a publish still awaiting its confirm: a return for anything else

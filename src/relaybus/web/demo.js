@@ -7,7 +7,7 @@
  *   window.relaybusLogger   this page's logger (it also reports uncaught errors to the gateway)
  *
  *   #state            the client's state as text and as data-state:
- *                     connecting | open | reconnecting | closed
+ *                     connecting | open | reconnecting | unauthorized | closed
  *   #connection-id    the connectionId from the gateway's hello; empty while not open
  *   #count, #delay    the testRequest payload {count, delayMs}
  *   #timeout          its timeoutMs (empty: the gateway's default)

@@ -91,8 +91,15 @@ class Dispatcher {
         request._finish(new RelaybusError(ErrorCode.DISCONNECTED, "the client was closed",
           { requestId: request.requestId }));
       }
+    } else if (state === State.UNAUTHORIZED) {
+      for (const request of [...this.waiting]) request._finish(unauthorized(request.requestId));
     }
   }
+}
+
+function unauthorized(requestId) {
+  return new RelaybusError(ErrorCode.UNAUTHORIZED,
+    "the gateway does not take the client's token (its state is `unauthorized`)", { requestId });
 }
 
 const dispatchers = new WeakMap();
@@ -161,6 +168,10 @@ export class BackendRequest {
     if (client.state === State.CLOSED) {
       this._finish(new RelaybusError(ErrorCode.DISCONNECTED, "the client is closed",
         { requestId: this.requestId }));
+      return;
+    }
+    if (client.state === State.UNAUTHORIZED) {
+      this._finish(unauthorized(this.requestId));
       return;
     }
     this._signal?.addEventListener("abort", this._abort, { once: true });

@@ -45,20 +45,29 @@ function encodeContext(context) {
   });
 }
 
-/** The context as the gateway accepts it: an object of at most 16 KiB, or a summary of it. */
-function boundedContext(context) {
+/**
+ * The context as the gateway accepts it: an object of at most 16 KiB, or a summary of it,
+ * with the client's tokens redacted.
+ */
+function boundedContext(context, redact) {
   let text;
   try {
-    text = encodeContext(context);
+    text = redact(encodeContext(context));
   } catch (error) {
-    return { contextError: `the context could not be encoded: ${error}` };
+    return { contextError: redact(`the context could not be encoded: ${error}`) };
   }
   const bytes = utf8Length(text);
-  if (bytes <= MAX_LOG_CONTEXT_BYTES) return JSON.parse(text);
+  if (bytes <= MAX_LOG_CONTEXT_BYTES) {
+    try {
+      return JSON.parse(text);
+    } catch { // a token that spanned JSON syntax was cut out
+      return { contextRedacted: true };
+    }
+  }
   return {
     contextTruncated: true,
     contextBytes: bytes,
-    keys: Object.keys(context).slice(0, 20).map((key) => key.slice(0, 100)),
+    keys: Object.keys(context).slice(0, 20).map((key) => redact(key.slice(0, 100))),
   };
 }
 
@@ -79,9 +88,12 @@ function describe(value) {
   }
 }
 
+const noRedaction = (text) => text;
+
 /** One entry, measured once: `size` is its encoded length in a frame's `entries` list. */
-function makeEntry(level, message, context) {
-  const entry = { level, message: truncateMessage(describe(message)), timestamp: Date.now() };
+function makeEntry(level, message, context, redact = noRedaction) {
+  const entry = { level, message: truncateMessage(redact(describe(message))),
+    timestamp: Date.now() };
   if (context !== undefined) entry.context = context;
   return { entry, size: utf8Length(JSON.stringify(entry)) };
 }
@@ -98,6 +110,9 @@ export class RelaybusLogger {
   constructor(client, options = {}) {
     this.options = { ...LOGGER_DEFAULTS, ...options };
     this._client = client;
+    // Nothing the client knows as a token leaves in a log entry (it would reach the gateway's log).
+    this._redact = typeof client.redact === "function" ? (text) => client.redact(text)
+      : noRedaction;
     this.level = this.options.level;
     this._context = options.context;
     this._queue = [];
@@ -154,7 +169,7 @@ export class RelaybusLogger {
       throw new TypeError(`level must be one of ${LOG_LEVELS.join(", ")}`);
     }
     if (this._disposed || LOG_LEVELS.indexOf(level) < LOG_LEVELS.indexOf(this._level)) return;
-    this._queue.push(makeEntry(level, message, this._mergedContext(context)));
+    this._queue.push(makeEntry(level, message, this._mergedContext(context), this._redact));
     if (this._queue.length > this.options.maxBufferEntries) {
       this._queue.shift();
       this._dropped(1);
@@ -192,7 +207,7 @@ export class RelaybusLogger {
     if (context === undefined && this._context === undefined) return undefined;
     const own = context === undefined || (typeof context === "object" && context !== null
       && !Array.isArray(context)) ? context : { value: context };
-    return boundedContext({ ...this._context, ...own });
+    return boundedContext({ ...this._context, ...own }, this._redact);
   }
 
   _dropped(count) {

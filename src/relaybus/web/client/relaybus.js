@@ -5,10 +5,14 @@
 
 export { ErrorCode, RelaybusError } from "./errors.js";
 export {
+  BEARER_SUBPROTOCOL_PREFIX,
   CLIENT_DEFAULTS,
+  CLOSE_TOKEN_EXPIRED,
   createClient,
+  MAX_TOKEN_BYTES,
   RelaybusClient,
   State,
+  SUBPROTOCOL,
 } from "./websocketClient.js";
 export {
   BackendRequest,

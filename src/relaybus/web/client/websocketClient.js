@@ -1,10 +1,14 @@
 /**
- * One persistent WebSocket to a relaybus gateway, reconnecting on its own.
+ * One persistent WebSocket to a relaybus gateway, reconnecting on its own, optionally
+ * authenticated with a bearer token (a string, or a function asked at each attempt and again
+ * ahead of the token's expiry, refreshed in-band with `auth` frames).
  *
  * States: `connecting` (a socket is being opened; the gateway has not said hello yet), `open`
  * (hello received: `limits` and `connectionId` are set), `reconnecting` (the socket dropped;
- * waiting out the backoff delay), `closed` (closed on purpose with `close()`, or dropped with
- * `reconnect: false`; nothing happens until `connect()`).
+ * waiting out the backoff delay), `unauthorized` (the gateway does not take the token: no
+ * socket is opened until the token source yields another one, `setToken()` or `connect()`),
+ * `closed` (closed on purpose with `close()`, or dropped with `reconnect: false`; nothing
+ * happens until `connect()`).
  */
 
 import { ErrorCode, RelaybusError } from "./errors.js";
@@ -13,6 +17,7 @@ export const State = Object.freeze({
   CONNECTING: "connecting",
   OPEN: "open",
   RECONNECTING: "reconnecting",
+  UNAUTHORIZED: "unauthorized",
   CLOSED: "closed",
 });
 
@@ -22,14 +27,65 @@ export const CLIENT_DEFAULTS = Object.freeze({
   maxDelayMs: 10_000,
   jitter: "full",
   connectTimeoutMs: 10_000,
+  refreshAheadMs: 60_000,
+  unauthorizedAfter: 2,
 });
+
+/** The subprotocol the gateway echoes; offered beside the bearer entry. */
+export const SUBPROTOCOL = "relaybus.v1";
+export const BEARER_SUBPROTOCOL_PREFIX = "base64url.bearer.relaybus.";
+/** The close code of a connection whose token expired without a refresh (docs/protocol.md). */
+export const CLOSE_TOKEN_EXPIRED = 4401;
+/** The gateway refuses longer tokens (HTTP 401 `token too large`): refused here first. */
+export const MAX_TOKEN_BYTES = 8192;
 
 const JITTERS = ["full", "decorrelated", "none"];
 const encoder = new TextEncoder();
+const MIN_REFRESH_GAP_MS = 1000; // between two refreshes, whatever the clocks say
+const MAX_TIMER_MS = 2 ** 31 - 1; // setTimeout fires at once beyond this
+const REFUSED_TOKENS_KEPT = 8;
+const NO_ATTEMPT = Symbol("no socket was opened");
 
 /** Bytes of `text` encoded as UTF-8: what the gateway's maxMessageBytes counts. */
 export function utf8Length(text) {
   return encoder.encode(text).byteLength;
+}
+
+/** Unpadded base64url of the text's UTF-8 bytes (browsers refuse `=` and `/` in subprotocols). */
+export function base64url(text) {
+  const bytes = encoder.encode(text);
+  let binary = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) {
+    binary += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  }
+  return btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+/** The subprotocol list a handshake with `token` offers; the gateway echoes `relaybus.v1`. */
+export function bearerSubprotocols(token) {
+  return [SUBPROTOCOL, BEARER_SUBPROTOCOL_PREFIX + base64url(token)];
+}
+
+/** Why `token` cannot be sent (a sentence without the token), or null; null/undefined: none. */
+export function tokenProblem(token) {
+  if (token === null || token === undefined) return null;
+  if (typeof token !== "string") return `a token must be a string, not ${typeof token}`;
+  if (token.length === 0) return "a token must not be empty";
+  if (utf8Length(token) > MAX_TOKEN_BYTES) {
+    return `the token is longer than the gateway accepts (${MAX_TOKEN_BYTES} bytes)`;
+  }
+  return null;
+}
+
+function checkTokenSource(token) {
+  if (typeof token === "function") return;
+  const problem = tokenProblem(token);
+  if (problem !== null) throw new TypeError(`options.token: ${problem}`);
+}
+
+/** A hello's or auth-ok's expiresAt when it is a usable time in ms; otherwise null. */
+function expiryOf(expiresAt) {
+  return typeof expiresAt === "number" && Number.isFinite(expiresAt) ? expiresAt : null;
 }
 
 /**
@@ -78,19 +134,32 @@ function buildUrl(url, params) {
   return built.href;
 }
 
+function isPlainObject(value) {
+  if (value === null || typeof value !== "object") return false;
+  const prototype = Object.getPrototypeOf(value);
+  return prototype === Object.prototype || prototype === null;
+}
+
 function reportListenerError(error) {
   if (typeof globalThis.reportError === "function") globalThis.reportError(error);
   else console.error("relaybus: a message subscriber threw", error);
 }
 
 /**
- * @param {string | URL | (() => string | URL | Promise<string | URL>)} [url] the gateway's
- *   WebSocket URL, or a function (possibly async) called before every connection attempt; a
- *   relative or http(s) URL is turned into ws(s). Default: `/ws` on the page's own host.
+ * `createClient({url, token, ...options})`, or `createClient(url, options)`.
+ *
+ * @param {string | URL | (() => string | URL | Promise<string | URL>) | object} [url] the
+ *   gateway's WebSocket URL, or a function (possibly async) called before every connection
+ *   attempt; a relative or http(s) URL is turned into ws(s). Default: `/ws` on the page's own
+ *   host. A plain object is the options, its `url` the URL.
  * @param {object} [options] see docs/client-js.md
  */
-export function createClient(url = defaultUrl(), options = {}) {
-  return new RelaybusClient(url, options);
+export function createClient(url, options = {}) {
+  if (isPlainObject(url)) {
+    const { url: own, ...rest } = url;
+    return new RelaybusClient(own ?? defaultUrl(), { ...rest, ...options });
+  }
+  return new RelaybusClient(url ?? defaultUrl(), options);
 }
 
 export class RelaybusClient extends EventTarget {
@@ -100,6 +169,10 @@ export class RelaybusClient extends EventTarget {
     if (!JITTERS.includes(this.options.jitter)) {
       throw new TypeError(`jitter must be one of ${JITTERS.join(", ")}`);
     }
+    if (!(Number.isInteger(this.options.unauthorizedAfter) && this.options.unauthorizedAfter > 0)) {
+      throw new TypeError("unauthorizedAfter must be a positive integer");
+    }
+    checkTokenSource(options.token);
     this._url = url;
     this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
     if (typeof this._WebSocket !== "function") {
@@ -114,10 +187,28 @@ export class RelaybusClient extends EventTarget {
     this._reconnectTimer = null;
     this._helloTimer = null;
     this._closing = false; // close() was called: drops end in `closed`, not `reconnecting`
+    // Authentication (all unused without options.token)
+    this._tokenSource = options.token ?? null; // string, function, or null: no auth
+    this._attemptToken = NO_ATTEMPT; // what the current socket's handshake offered
+    this._opened = false; // the current socket fired `open`: its handshake was accepted
+    this._connectionToken = null; // the token the open connection holds (handshake or auth)
+    this._accepted = null; // {token, until}: the gateway took this token, valid until (ms)
+    this._suspect = null; // {token, failures}: handshakes failed in a row with this token
+    this._refused = []; // [{token, reason}]: tokens the gateway surely does not take
+    this._forceRefresh = false; // the next ask says the last token may be stale
+    this._refreshTimer = null;
+    this._refreshDueAt = null;
+    this._refreshPending = null; // {token, timer}: an auth frame awaiting its answer
+    this._refreshRefused = null; // the token this connection's gateway refused in-band
+    this._refreshFailures = 0;
+    this._refreshQueued = false; // setToken() while an auth frame awaited its answer
+    this._lastRefreshAt = null;
     /** The gateway's limits from its latest hello (kept across reconnects), or null. */
     this.limits = null;
     /** This connection's id from the gateway's hello, or null while not open. */
     this.connectionId = null;
+    /** Who the token proved ({sub, expiresAt}) from hello and auth-ok, or null. */
+    this.principal = null;
     this.state = State.CONNECTING;
     this._connect();
   }
@@ -145,18 +236,43 @@ export class RelaybusClient extends EventTarget {
 
   /**
    * Connect now: after `close()` (or a drop with `reconnect: false`) it starts again; while
-   * `reconnecting` it skips the rest of the backoff delay. Otherwise it does nothing.
+   * `reconnecting` it skips the rest of the backoff delay; while `unauthorized` it tries once
+   * more with whatever the token source gives, refused tokens included. Otherwise it does
+   * nothing.
    */
   connect() {
-    if (this.state === State.CLOSED) {
+    if (this.state === State.CLOSED || this.state === State.UNAUTHORIZED) {
+      clearTimeout(this._reconnectTimer);
+      this._reconnectTimer = null;
       this._closing = false;
       this._failures = 0;
       this._previousDelayMs = this.options.initialDelayMs;
+      this._refused = [];
+      this._suspect = null;
       this._connect();
     } else if (this.state === State.RECONNECTING) {
       clearTimeout(this._reconnectTimer);
       this._reconnectTimer = null;
       this._connect();
+    }
+  }
+
+  /**
+   * Replace the token source (a string, a function, or null for none). While open, the new
+   * token is sent at once as an in-band refresh; while `reconnecting` or `unauthorized`, the
+   * client connects with it now.
+   */
+  setToken(token) {
+    checkTokenSource(token);
+    this._tokenSource = token ?? null;
+    this._refused = [];
+    this._suspect = null;
+    this._refreshRefused = null;
+    if (this.state === State.OPEN && this._tokenSource !== null && this._canRefresh()) {
+      if (this._refreshPending === null) this._refreshNow();
+      else this._refreshQueued = true; // answers come in order: send it after this one's
+    } else if (this.state === State.UNAUTHORIZED || this.state === State.RECONNECTING) {
+      this.connect();
     }
   }
 
@@ -170,6 +286,7 @@ export class RelaybusClient extends EventTarget {
     clearTimeout(this._reconnectTimer);
     clearTimeout(this._helloTimer);
     this._reconnectTimer = null;
+    this._stopRefreshing();
     const socket = this._socket;
     this._socket = null;
     this.connectionId = null;
@@ -183,7 +300,32 @@ export class RelaybusClient extends EventTarget {
     return closed;
   }
 
+  /**
+   * `text` with every token this client knows replaced by `[redacted]` (and any bearer
+   * subprotocol entry): the logger ships nothing through it that would show one.
+   */
+  redact(text) {
+    let result = String(text);
+    for (const token of this._knownTokens()) {
+      for (const form of [token, base64url(token), JSON.stringify(token).slice(1, -1)]) {
+        if (form.length > 0) result = result.split(form).join("[redacted]");
+      }
+    }
+    return result.replace(/(base64url\.bearer\.relaybus\.)[A-Za-z0-9_-]*/gi, "$1[redacted]");
+  }
+
   // Internals
+
+  get _authenticating() {
+    return this._tokenSource !== null;
+  }
+
+  _knownTokens() {
+    const tokens = new Set([this._tokenSource, this._attemptToken, this._connectionToken,
+      this._accepted?.token, this._suspect?.token, this._refreshPending?.token,
+      this._refreshRefused, ...this._refused.map((entry) => entry.token)]);
+    return [...tokens].filter((token) => typeof token === "string" && token.length > 0);
+  }
 
   _setState(state, detail = {}) {
     const previous = this.state;
@@ -193,44 +335,107 @@ export class RelaybusClient extends EventTarget {
     this.dispatchEvent(new CustomEvent(state, { detail: full }));
   }
 
-  _connect() {
+  /** Ask the token source (a string is its own answer); may return a promise. */
+  _askToken(reason) {
+    const source = this._tokenSource;
+    if (typeof source !== "function") return source;
+    return source({ forceRefresh: reason !== "connect" || this._forceRefresh, reason });
+  }
+
+  /**
+   * Why `token` is not offered again ("expired", "refused"), or null: it expired on a
+   * connection (4401), or its handshakes failed `unauthorizedAfter` times in a row while
+   * nothing said it was good (see _judgeDrop).
+   */
+  _verdict(token) {
+    const refused = this._refused.find((entry) => entry.token === token);
+    if (refused !== undefined) return refused.reason;
+    return null;
+  }
+
+  _remember(token, reason) {
+    this._refused = this._refused.filter((entry) => entry.token !== token);
+    this._refused.push({ token, reason });
+    if (this._refused.length > REFUSED_TOKENS_KEPT) this._refused.shift();
+  }
+
+  _isKnownGood(token) {
+    return this._accepted !== null && this._accepted.token === token
+      && this._accepted.until > Date.now();
+  }
+
+  _connect(preset) {
     const generation = ++this._generation;
+    this._attemptToken = NO_ATTEMPT;
     this._setState(State.CONNECTING, { retry: this._failures });
     if (this._generation !== generation) return; // a state listener closed or reconnected
     let target;
     try {
-      target = this._target();
+      target = this._target(preset);
     } catch (error) {
       this._attemptFailed(generation, error);
       return;
     }
     if (isPromiseLike(target)) {
-      target.then((url) => this._open(generation, url),
+      target.then((resolved) => this._begin(generation, resolved),
         (error) => this._attemptFailed(generation, error));
     } else {
-      this._open(generation, target);
+      this._begin(generation, target);
     }
   }
 
-  _target() {
+  _target(preset) {
     const url = typeof this._url === "function" ? this._url() : this._url;
     const params = this.options.params ? this.options.params() : null;
-    if (isPromiseLike(url) || isPromiseLike(params)) {
-      return Promise.all([url, params]).then(([u, p]) => buildUrl(u, p));
+    const token = preset !== undefined ? preset.token
+      : this._authenticating ? this._askToken("connect") : null;
+    if (isPromiseLike(url) || isPromiseLike(params) || isPromiseLike(token)) {
+      return Promise.all([url, params, token]).then(([u, p, t]) => ({ url: buildUrl(u, p),
+        token: t }));
     }
-    return buildUrl(url, params);
+    return { url: buildUrl(url, params), token };
   }
 
-  _open(generation, url) {
+  _begin(generation, { url, token }) {
     if (generation !== this._generation) return;
+    if (this._authenticating) {
+      const problem = tokenProblem(token);
+      if (problem !== null) {
+        this._unauthorized("invalid", `the token source gave an unusable token: ${problem}`);
+        return;
+      }
+      const verdict = this._verdict(token ?? null);
+      if (verdict !== null) {
+        this._unauthorized(verdict, verdict === "expired"
+          ? "the token expired (close code 4401) and the token source gave no new one"
+          : `the gateway refused this token at ${this.options.unauthorizedAfter} handshakes `
+            + "in a row (browsers hide the HTTP status; a 401 is the likely cause)");
+        return;
+      }
+    }
+    this._open(generation, url, this._authenticating ? token ?? null : undefined);
+  }
+
+  _open(generation, url, token) {
+    if (generation !== this._generation) return;
+    const protocols = typeof token === "string" ? bearerSubprotocols(token) : null;
     let socket;
     try {
-      socket = new this._WebSocket(url);
+      socket = protocols === null ? new this._WebSocket(url) : new this._WebSocket(url, protocols);
     } catch (error) {
-      this._attemptFailed(generation, error);
+      // A browser's message may quote the subprotocols, the token's base64url with them.
+      this._attemptFailed(generation, protocols === null ? error
+        : new Error(`the WebSocket could not be created (${error?.name ?? "Error"})`));
       return;
     }
     this._socket = socket;
+    this._attemptToken = token;
+    this._opened = false;
+    socket.addEventListener("open", () => {
+      if (this._socket !== socket) return;
+      this._opened = true;
+      this._suspect = null; // the handshake took the token
+    });
     socket.addEventListener("message", (event) => {
       if (this._socket === socket) this._received(event.data);
     });
@@ -247,6 +452,7 @@ export class RelaybusClient extends EventTarget {
     });
     this._helloTimer = setTimeout(() => {
       if (this._socket !== socket) return;
+      this._attemptToken = NO_ATTEMPT; // a timeout is no refusal: a 401 comes at once
       this._socketGone(null, `no hello from the gateway within ${this.options.connectTimeoutMs} ms`);
       socket.close();
     }, this.options.connectTimeoutMs);
@@ -273,8 +479,14 @@ export class RelaybusClient extends EventTarget {
         clearTimeout(this._helloTimer);
         this._failures = 0;
         this._previousDelayMs = this.options.initialDelayMs;
+        this._helloReceived(frame.principal);
         this._setState(State.OPEN, { connectionId: this.connectionId });
       }
+    } else if (frame.type === "auth-ok") {
+      this._refreshAccepted(frame.expiresAt);
+    } else if (frame.type === "error" && frame.requestId == null
+               && frame.error?.code === ErrorCode.UNAUTHORIZED) {
+      this._refreshRefusedBy(frame.error);
     }
     for (const subscriber of [...this._subscribers]) {
       try {
@@ -288,22 +500,228 @@ export class RelaybusClient extends EventTarget {
 
   _socketGone(code, reason, error) {
     clearTimeout(this._helloTimer);
+    this._stopRefreshing();
+    const opened = this._opened;
+    // What the connection held last: the handshake's token, or the one an auth-ok took.
+    const token = opened && this._connectionToken !== null ? this._connectionToken
+      : this._attemptToken;
     this._socket = null;
     this.connectionId = null;
+    this._attemptToken = NO_ATTEMPT;
+    this._opened = false;
+    this._connectionToken = null;
+    if (this._authenticating && token !== NO_ATTEMPT) this._judgeDrop(token, opened, code);
     const detail = { code, reason, ...(error === undefined ? {} : { error }) };
     if (this._closing || !this.options.reconnect) {
       this._setState(State.CLOSED, detail);
       return;
     }
+    this._scheduleAttempt(State.RECONNECTING, detail, () => this._connect());
+  }
+
+  /** What a dropped socket says about the token it offered. */
+  _judgeDrop(token, opened, code) {
+    if (code === CLOSE_TOKEN_EXPIRED) {
+      this._remember(token, "expired");
+      if (this._accepted?.token === token) this._accepted = null;
+      this._forceRefresh = true;
+    } else if (!opened) {
+      // Refused at the handshake, or never reached the gateway: browsers do not say which.
+      this._forceRefresh = true;
+      if (this._isKnownGood(token)) return; // taken before and unexpired: the network, likely
+      const failures = this._suspect?.token === token ? this._suspect.failures + 1 : 1;
+      this._suspect = { token, failures };
+      if (failures >= this.options.unauthorizedAfter) {
+        this._suspect = null;
+        this._remember(token, "refused");
+      }
+    }
+  }
+
+  /** Enter `state` and run `next` after the backoff delay (unless a listener intervened). */
+  _scheduleAttempt(state, detail, next) {
     const delayMs = this._nextDelayMs();
     this._failures += 1;
     const generation = this._generation;
-    this._setState(State.RECONNECTING, { ...detail, delayMs, retry: this._failures });
+    this._setState(state, { ...detail, delayMs, retry: this._failures });
     if (generation !== this._generation) return; // a state listener called close() or connect()
     this._reconnectTimer = setTimeout(() => {
       this._reconnectTimer = null;
-      this._connect();
+      next();
     }, delayMs);
+  }
+
+  /**
+   * The token is not taken: no socket until the token source yields another (a function is
+   * asked again at the backoff cadence), `setToken()` or `connect()`.
+   */
+  _unauthorized(reason, message) {
+    const detail = { reason, message };
+    if (typeof this._tokenSource !== "function") {
+      this._setState(State.UNAUTHORIZED, detail);
+      return;
+    }
+    if (this.state === State.UNAUTHORIZED) { // still the same answer: keep polling quietly
+      const delayMs = this._nextDelayMs();
+      this._failures += 1;
+      this._reconnectTimer = setTimeout(() => this._pollToken(), delayMs);
+      return;
+    }
+    this._scheduleAttempt(State.UNAUTHORIZED, detail, () => this._pollToken());
+  }
+
+  /** While `unauthorized`: connect only when the token source gives a token worth trying. */
+  _pollToken() {
+    this._reconnectTimer = null;
+    const generation = ++this._generation;
+    const retry = () => {
+      if (generation === this._generation) this._unauthorized();
+    };
+    let token;
+    try {
+      token = this._askToken("unauthorized");
+    } catch {
+      retry();
+      return;
+    }
+    Promise.resolve(token).then((value) => {
+      if (generation !== this._generation) return;
+      if (tokenProblem(value) !== null || this._verdict(value ?? null) !== null) retry();
+      else this._connect({ token: value });
+    }, retry);
+  }
+
+  // The in-band refresh
+
+  _helloReceived(principal) {
+    this._connectionToken = this._attemptToken === NO_ATTEMPT ? null : this._attemptToken;
+    this.principal = isPlainObject(principal) ? { ...principal } : null;
+    if (!this._authenticating) return;
+    this._forceRefresh = false;
+    this._suspect = null;
+    const expiresAt = expiryOf(this.principal?.expiresAt);
+    this._accepted = { token: this._connectionToken, until: expiresAt ?? Infinity };
+    this._refused = this._refused.filter((entry) => entry.token !== this._connectionToken);
+    this._refreshFailures = 0;
+    this._scheduleRefresh(expiresAt);
+  }
+
+  /** The gateway authenticated this connection: it answers `auth` frames. */
+  _canRefresh() {
+    return this.principal !== null && expiryOf(this.principal.expiresAt) !== null;
+  }
+
+  /** Refresh when `refreshAheadMs` is left, but not before half the remaining lifetime. */
+  _scheduleRefresh(expiresAt) {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    if (expiresAt === null || typeof this._tokenSource !== "function") return;
+    const now = Date.now();
+    const remaining = expiresAt - now;
+    let dueAt = now + Math.max(remaining - this.options.refreshAheadMs, remaining / 2, 0);
+    if (this._lastRefreshAt !== null) dueAt = Math.max(dueAt, this._lastRefreshAt + MIN_REFRESH_GAP_MS);
+    this._refreshAt(dueAt);
+  }
+
+  _refreshAt(dueAt) {
+    clearTimeout(this._refreshTimer);
+    this._refreshDueAt = dueAt;
+    this._refreshTimer = setTimeout(() => {
+      this._refreshTimer = null;
+      if (Date.now() < this._refreshDueAt) this._refreshAt(this._refreshDueAt); // capped timer
+      else this._refreshNow();
+    }, Math.min(MAX_TIMER_MS, Math.max(0, dueAt - Date.now())));
+  }
+
+  /** Nothing new to send (or no answer): ask again later, backing off up to maxDelayMs. */
+  _refreshLater() {
+    const { initialDelayMs, maxDelayMs } = this.options;
+    const delayMs = Math.min(maxDelayMs, initialDelayMs * 2 ** this._refreshFailures);
+    this._refreshFailures += 1;
+    this._refreshAt(Date.now() + Math.max(delayMs, MIN_REFRESH_GAP_MS));
+  }
+
+  _refreshNow() {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    const socket = this._socket;
+    if (this.state !== State.OPEN || socket === null || this._refreshPending !== null) return;
+    const current = () => this._socket === socket && this.state === State.OPEN
+      && this._refreshPending === null;
+    let token;
+    try {
+      token = this._askToken("refresh");
+    } catch {
+      this._refreshLater();
+      return;
+    }
+    Promise.resolve(token).then((value) => {
+      if (!current()) return;
+      if (typeof value !== "string" || tokenProblem(value) !== null
+          || value === this._connectionToken || value === this._refreshRefused) {
+        this._refreshLater();
+        return;
+      }
+      this._lastRefreshAt = Date.now();
+      try {
+        this.send({ type: "auth", token: value });
+      } catch {
+        this._refreshLater();
+        return;
+      }
+      const timer = setTimeout(() => { // an answer that never comes must not stop refreshing
+        if (this._refreshPending?.timer !== timer) return;
+        this._refreshPending = null;
+        this._refreshLater();
+      }, this.options.connectTimeoutMs);
+      this._refreshPending = { token: value, timer };
+    }, () => {
+      if (current()) this._refreshLater();
+    });
+  }
+
+  _refreshAccepted(rawExpiresAt) {
+    const pending = this._refreshPending;
+    if (pending === null) return;
+    clearTimeout(pending.timer);
+    this._refreshPending = null;
+    this._refreshFailures = 0;
+    const expiresAt = expiryOf(rawExpiresAt);
+    this._connectionToken = pending.token;
+    this._accepted = { token: pending.token, until: expiresAt ?? Infinity };
+    if (this.principal !== null) this.principal = { ...this.principal, expiresAt };
+    this.dispatchEvent(new CustomEvent("auth", { detail: { ok: true, expiresAt } }));
+    this._scheduleRefresh(expiresAt);
+    this._sendQueuedRefresh();
+  }
+
+  _sendQueuedRefresh() {
+    if (!this._refreshQueued || this.state !== State.OPEN) return;
+    this._refreshQueued = false;
+    this._refreshNow();
+  }
+
+  _refreshRefusedBy(error) {
+    const pending = this._refreshPending;
+    if (pending === null) return;
+    clearTimeout(pending.timer);
+    this._refreshPending = null;
+    this._refreshRefused = pending.token;
+    const message = this.redact(String(error?.message ?? ""));
+    this.dispatchEvent(new CustomEvent("auth", {
+      detail: { ok: false, code: ErrorCode.UNAUTHORIZED, message } }));
+    this._refreshLater();
+    this._sendQueuedRefresh();
+  }
+
+  _stopRefreshing() {
+    clearTimeout(this._refreshTimer);
+    clearTimeout(this._refreshPending?.timer);
+    this._refreshTimer = null;
+    this._refreshPending = null;
+    this._refreshRefused = null;
+    this._refreshFailures = 0;
+    this._refreshQueued = false;
   }
 
   /** Exponential backoff with jitter; `_failures` counts attempts since the last open. */

@@ -22,9 +22,11 @@ export class FakeWebSocket extends EventTarget {
   static CLOSING = 2;
   static CLOSED = 3;
 
-  constructor(url) {
+  constructor(url, protocols) {
     super();
     this.url = url;
+    this.protocols = protocols; // undefined when the client offered none (one argument)
+    this.argumentCount = arguments.length;
     this.readyState = FakeWebSocket.CONNECTING;
     this.sent = [];
     this.closedWith = null;

@@ -1,0 +1,486 @@
+import assert from "node:assert/strict";
+import { afterEach, beforeEach, describe, mock, test } from "node:test";
+
+import {
+  BEARER_SUBPROTOCOL_PREFIX, CLOSE_TOKEN_EXPIRED, createClient, createLogger, ErrorCode,
+  makeBackendRequest, MAX_TOKEN_BYTES, State, SUBPROTOCOL,
+} from "../relaybus.js";
+import { FakeWebSocket, LIMITS, peek, recordStates, settle } from "./fakes.js";
+
+const NOW = 1_000_000;
+
+beforeEach(() => mock.timers.enable({ apis: ["setTimeout", "Date"], now: NOW }));
+afterEach(() => mock.timers.reset());
+
+/** A client with `token` (and options) on a fresh fake socket class. */
+function authClient(token, options = {}) {
+  const Socket = FakeWebSocket.fresh();
+  const client = createClient({ url: "ws://gateway.test/ws", token, WebSocket: Socket,
+    random: () => 1, ...options });
+  return { client, sockets: Socket.instances, socket: () => Socket.instances.at(-1) };
+}
+
+/** A token function that answers from `tokens` (the last one sticks) and records its calls. */
+function tokenFunction(...tokens) {
+  const calls = [];
+  const next = async (hint) => {
+    calls.push(hint);
+    return tokens.length > 1 ? tokens.shift() : tokens[0];
+  };
+  next.calls = calls;
+  next.give = (...more) => tokens.splice(0, tokens.length, ...more);
+  return next;
+}
+
+/** The token a socket's handshake offered, decoded from its bearer subprotocol. */
+function offeredToken(socket) {
+  const entry = socket.protocols?.find((p) => p.startsWith(BEARER_SUBPROTOCOL_PREFIX));
+  if (entry === undefined) return null;
+  return Buffer.from(entry.slice(BEARER_SUBPROTOCOL_PREFIX.length), "base64url").toString();
+}
+
+function helloAs(socket, principal = { sub: "alice", expiresAt: NOW + 3_600_000 }) {
+  socket.open();
+  socket.receive({ type: "hello", connectionId: "conn-1", protocol: 1, limits: LIMITS,
+    principal });
+}
+
+function authEvents(client) {
+  const events = [];
+  client.addEventListener("auth", (event) => events.push(event.detail));
+  return events;
+}
+
+function unauthorizedEvents(client) {
+  const events = [];
+  client.addEventListener("unauthorized", (event) => events.push(event.detail));
+  return events;
+}
+
+describe("the token at the handshake", () => {
+  test("a string token travels as the bearer subprotocol beside relaybus.v1, not in the URL", () => {
+    const token = "eyJhbGciOi.héllo-wörld.✓"; // UTF-8 bytes, and lengths that would need padding
+    const { client, socket } = authClient(token);
+    assert.equal(socket().url, "ws://gateway.test/ws");
+    assert.deepEqual(socket().protocols, [SUBPROTOCOL,
+      BEARER_SUBPROTOCOL_PREFIX + Buffer.from(token, "utf8").toString("base64url")]);
+    assert.doesNotMatch(socket().protocols[1], /[=+/]/);
+    assert.equal(offeredToken(socket()), token);
+    client.close();
+  });
+
+  test("without a token the socket is opened as before: no subprotocol at all", () => {
+    for (const token of [undefined, null]) {
+      const { client, socket } = authClient(token);
+      assert.equal(socket().argumentCount, 1);
+      assert.equal(socket().protocols, undefined);
+      client.close();
+    }
+  });
+
+  test("createClient({url, ...options}) and createClient(url, options) are the same", () => {
+    const Socket = FakeWebSocket.fresh();
+    const one = createClient({ url: "http://gateway.test/ws", token: "t", WebSocket: Socket });
+    const two = createClient("http://gateway.test/ws", { token: "t", WebSocket: Socket });
+    const three = createClient(new URL("http://gateway.test/ws"), { token: "t", WebSocket: Socket });
+    assert.deepEqual(Socket.instances.map((s) => [s.url, offeredToken(s)]),
+      Array(3).fill(["ws://gateway.test/ws", "t"]));
+    assert.equal("url" in one.options, false);
+    for (const client of [one, two, three]) client.close();
+  });
+
+  test("a token function (async) is asked at every attempt; forceRefresh after a failed one", async () => {
+    const token = tokenFunction("t1", "t2", "t3");
+    const { client, sockets, socket } = authClient(token);
+    await settle();
+    assert.equal(offeredToken(socket()), "t1");
+    helloAs(socket());
+    socket().drop(1006); // a drop after the open: the token is not in doubt
+    mock.timers.tick(250);
+    await settle();
+    assert.equal(offeredToken(socket()), "t2");
+    socket().drop(1006); // failed before the open: refused, or never reached the gateway
+    mock.timers.tick(500);
+    await settle();
+    assert.equal(offeredToken(socket()), "t3");
+    assert.deepEqual(token.calls, [
+      { forceRefresh: false, reason: "connect" },
+      { forceRefresh: false, reason: "connect" },
+      { forceRefresh: true, reason: "connect" },
+    ]);
+    assert.equal(sockets.length, 3);
+    client.close();
+  });
+
+  test("a token function that throws counts as a failed attempt and is asked again", async () => {
+    let calls = 0;
+    const { client, sockets } = authClient(() => {
+      calls += 1;
+      if (calls === 1) throw new Error("the login service is down");
+      return "t";
+    });
+    assert.equal(client.state, State.RECONNECTING);
+    assert.equal(sockets.length, 0);
+    mock.timers.tick(250);
+    assert.equal(offeredToken(sockets[0]), "t");
+    client.close();
+  });
+});
+
+describe("refreshing the token in-band", () => {
+  test("ahead of hello's expiresAt; auth-ok moves the schedule on", async () => {
+    const token = tokenFunction("t1", "t2", "t3");
+    const { client, socket } = authClient(token, { refreshAheadMs: 60_000 });
+    const auth = authEvents(client);
+    await settle();
+    helloAs(socket(), { sub: "alice", expiresAt: NOW + 600_000 });
+    assert.deepEqual(client.principal, { sub: "alice", expiresAt: NOW + 600_000 });
+    mock.timers.tick(539_999);
+    await settle();
+    assert.equal(token.calls.length, 1);
+    mock.timers.tick(1);
+    await settle();
+    assert.deepEqual(token.calls[1], { forceRefresh: true, reason: "refresh" });
+    assert.deepEqual(socket().sentOfType("auth"), [{ type: "auth", token: "t2" }]);
+
+    const renewedUntil = Date.now() + 600_000;
+    socket().receive({ type: "auth-ok", expiresAt: renewedUntil });
+    assert.deepEqual(auth, [{ ok: true, expiresAt: renewedUntil }]);
+    assert.equal(client.principal.expiresAt, renewedUntil);
+    mock.timers.tick(539_999);
+    await settle();
+    assert.equal(socket().sentOfType("auth").length, 1, "the new expiry sets the next refresh");
+    mock.timers.tick(1);
+    await settle();
+    assert.deepEqual(socket().sentOfType("auth").at(-1), { type: "auth", token: "t3" });
+    assert.equal(client.state, State.OPEN);
+    client.close();
+  });
+
+  test("a short-lived token is refreshed at half its remaining lifetime", async () => {
+    const token = tokenFunction("t1", "t2");
+    const { client, socket } = authClient(token);
+    await settle();
+    helloAs(socket(), { sub: "alice", expiresAt: NOW + 4000 });
+    mock.timers.tick(1999);
+    await settle();
+    assert.equal(socket().sentOfType("auth").length, 0);
+    mock.timers.tick(1);
+    await settle();
+    assert.deepEqual(socket().sentOfType("auth"), [{ type: "auth", token: "t2" }]);
+    client.close();
+  });
+
+  test("the token the connection holds already is not sent again; it is asked again later", async () => {
+    const token = tokenFunction("same");
+    const { client, socket } = authClient(token);
+    await settle();
+    helloAs(socket(), { sub: "alice", expiresAt: NOW + 4000 });
+    mock.timers.tick(2000);
+    await settle();
+    assert.equal(token.calls.length, 2);
+    assert.equal(socket().sentOfType("auth").length, 0);
+    mock.timers.tick(999);
+    await settle();
+    assert.equal(token.calls.length, 2, "at most one ask a second");
+    token.give("fresh");
+    mock.timers.tick(1);
+    await settle();
+    assert.deepEqual(socket().sentOfType("auth"), [{ type: "auth", token: "fresh" }]);
+    client.close();
+  });
+
+  test("a refused refresh: an `auth` event, the connection goes on, the refused token is not resent", async () => {
+    const token = tokenFunction("t1", "other-sub");
+    const { client, socket } = authClient(token);
+    const auth = authEvents(client);
+    const unauthorized = unauthorizedEvents(client);
+    await settle();
+    helloAs(socket(), { sub: "alice", expiresAt: NOW + 4000 });
+    mock.timers.tick(2000);
+    await settle();
+    socket().receive({ type: "error", requestId: null,
+      error: { code: "unauthorized", message: "a refresh must keep the same sub" } });
+    assert.deepEqual(auth, [{ ok: false, code: ErrorCode.UNAUTHORIZED,
+      message: "a refresh must keep the same sub" }]);
+    assert.equal(client.state, State.OPEN);
+    assert.deepEqual(unauthorized, [], "the client did not stop: no `unauthorized` state");
+    mock.timers.tick(1000);
+    await settle();
+    assert.equal(socket().sentOfType("auth").length, 1, "the refused token is not sent again");
+    token.give("t2");
+    mock.timers.tick(2000);
+    await settle();
+    assert.deepEqual(socket().sentOfType("auth").at(-1), { type: "auth", token: "t2" });
+    client.close();
+  });
+
+  test("a refresh that gets no answer is given up after connectTimeoutMs and asked again", async () => {
+    const token = tokenFunction("t1", "t2", "t3");
+    const { client, socket } = authClient(token, { connectTimeoutMs: 3000 });
+    await settle();
+    helloAs(socket(), { sub: "alice", expiresAt: NOW + 20_000 });
+    mock.timers.tick(10_000);
+    await settle();
+    assert.equal(socket().sentOfType("auth").length, 1);
+    mock.timers.tick(3000); // no answer: given up...
+    mock.timers.tick(1000); // ...and asked again a second later
+    await settle();
+    assert.deepEqual(socket().sentOfType("auth").map((f) => f.token), ["t2", "t3"]);
+    client.close();
+  });
+
+  test("setToken() while open sends the new token at once", async () => {
+    const { client, socket } = authClient("t1");
+    helloAs(socket(), { sub: "alice", expiresAt: NOW + 600_000 });
+    client.setToken("t2");
+    await settle();
+    assert.deepEqual(socket().sentOfType("auth"), [{ type: "auth", token: "t2" }]);
+    socket().receive({ type: "auth-ok", expiresAt: NOW + 900_000 });
+    assert.equal(client.principal.expiresAt, NOW + 900_000);
+    client.close();
+  });
+
+  test("setToken() while a refresh awaits its answer sends the new token after that answer", async () => {
+    const token = tokenFunction("t1", "t2");
+    const { client, socket } = authClient(token);
+    await settle();
+    helloAs(socket(), { sub: "alice", expiresAt: NOW + 4000 });
+    mock.timers.tick(2000);
+    await settle();
+    assert.deepEqual(socket().sentOfType("auth").map((f) => f.token), ["t2"]);
+    client.setToken("t3");
+    await settle();
+    assert.equal(socket().sentOfType("auth").length, 1, "one auth frame at a time");
+    socket().receive({ type: "auth-ok", expiresAt: NOW + 600_000 });
+    await settle();
+    assert.deepEqual(socket().sentOfType("auth").map((f) => f.token), ["t2", "t3"]);
+    client.close();
+  });
+
+  test("no refresh without an expiry: a gateway without keys, and hostile expiresAt values", async () => {
+    for (const principal of [null, { sub: "a", expiresAt: null }, { sub: "a", expiresAt: "soon" },
+      { sub: "a", expiresAt: Number.NaN }, { sub: "a", expiresAt: 1e300 }, "alice", [1]]) {
+      const token = tokenFunction("t1", "t2");
+      const { client, socket } = authClient(token);
+      await settle();
+      helloAs(socket(), principal);
+      mock.timers.tick(86_400_000);
+      await settle();
+      assert.equal(token.calls.length, 1, JSON.stringify(principal));
+      assert.equal(socket().sentOfType("auth").length, 0, JSON.stringify(principal));
+      assert.equal(client.state, State.OPEN);
+      client.close();
+    }
+  });
+
+  test("auth-ok and unauthorized errors nobody asked for are ignored", () => {
+    const { client, socket } = authClient("t1");
+    const auth = authEvents(client);
+    helloAs(socket());
+    socket().receive({ type: "auth-ok", expiresAt: 1 });
+    socket().receive({ type: "error", requestId: null, error: { code: "unauthorized" } });
+    assert.deepEqual(auth, []);
+    assert.equal(client.principal.expiresAt, NOW + 3_600_000);
+    client.close();
+  });
+});
+
+describe("the unauthorized state", () => {
+  test("4401 with a string token: `unauthorized` (expired) and no socket until setToken()", () => {
+    const { client, sockets, socket } = authClient("t1");
+    const states = recordStates(client);
+    const unauthorized = unauthorizedEvents(client);
+    helloAs(socket());
+    socket().drop(CLOSE_TOKEN_EXPIRED, "the token expired");
+    mock.timers.tick(250);
+    assert.deepEqual(states, ["open", "reconnecting", "connecting", "unauthorized"]);
+    assert.equal(unauthorized.length, 1);
+    assert.equal(unauthorized[0].reason, "expired");
+    mock.timers.tick(600_000);
+    assert.equal(sockets.length, 1, "nothing is retried with the expired token");
+    client.setToken("t2");
+    assert.equal(sockets.length, 2);
+    assert.equal(offeredToken(socket()), "t2");
+    helloAs(socket());
+    assert.equal(client.state, State.OPEN);
+    client.close();
+  });
+
+  test("4401 with a token function that has a new token: reconnects with it", async () => {
+    const token = tokenFunction("t1", "t2");
+    const { client, sockets, socket } = authClient(token);
+    await settle();
+    helloAs(socket());
+    socket().drop(CLOSE_TOKEN_EXPIRED, "the token expired");
+    mock.timers.tick(250);
+    await settle();
+    assert.equal(sockets.length, 2);
+    assert.equal(offeredToken(socket()), "t2");
+    assert.deepEqual(token.calls.at(-1), { forceRefresh: true, reason: "connect" });
+    client.close();
+  });
+
+  test("the same token failing at the handshake: `unauthorized`, no reconnect storm, a new token resumes", async () => {
+    const token = tokenFunction("bad");
+    const { client, sockets, socket } = authClient(token, { maxDelayMs: 5000 });
+    const unauthorized = unauthorizedEvents(client);
+    await settle();
+    socket().drop(1006); // what a browser shows for a 401: no open, 1006
+    mock.timers.tick(250);
+    await settle();
+    socket().fail(); // error without close: the same for the library
+    mock.timers.tick(500);
+    await settle();
+    assert.equal(client.state, State.UNAUTHORIZED);
+    assert.equal(unauthorized.length, 1);
+    assert.equal(unauthorized[0].reason, "refused");
+    assert.match(unauthorized[0].message, /2 handshakes in a row/);
+    assert.equal(sockets.length, 2);
+
+    const asked = token.calls.length;
+    for (let i = 0; i < 60; i += 1) {
+      mock.timers.tick(5000);
+      await settle();
+    }
+    assert.equal(sockets.length, 2, "no socket for the same token, however long");
+    assert.ok(token.calls.length >= asked + 50, "the token function is polled at the backoff cadence");
+    assert.ok(token.calls.slice(asked).every((c) => c.forceRefresh && c.reason === "unauthorized"));
+    assert.equal(unauthorized.length, 1, "polling does not repeat the event");
+
+    token.give("good");
+    mock.timers.tick(5000);
+    await settle();
+    assert.equal(sockets.length, 3);
+    assert.equal(offeredToken(socket()), "good");
+    helloAs(socket());
+    assert.equal(client.state, State.OPEN);
+    client.close();
+  });
+
+  test("a string token failing at the handshake stops until connect()", () => {
+    const { client, sockets, socket } = authClient("bad", { unauthorizedAfter: 3 });
+    for (let i = 0; i < 3; i += 1) {
+      socket().drop(1006);
+      mock.timers.tick(10_000);
+    }
+    assert.equal(client.state, State.UNAUTHORIZED);
+    assert.equal(sockets.length, 3);
+    mock.timers.tick(600_000);
+    assert.equal(sockets.length, 3);
+    client.connect();
+    assert.equal(sockets.length, 4);
+    assert.equal(client.state, State.CONNECTING);
+    client.close();
+  });
+
+  test("a token the gateway took, still unexpired, is not given up when the network fails", () => {
+    const { client, sockets, socket } = authClient("good");
+    helloAs(socket(), { sub: "alice", expiresAt: NOW + 3_600_000 });
+    socket().drop(1006); // the gateway restarts: refused connections for a while
+    for (let i = 0; i < 6; i += 1) {
+      mock.timers.tick(10_000);
+      socket().drop(1006);
+    }
+    assert.equal(client.state, State.RECONNECTING);
+    assert.equal(sockets.length, 7);
+    mock.timers.tick(10_000);
+    helloAs(socket());
+    assert.equal(client.state, State.OPEN);
+    client.close();
+  });
+
+  test("a socket that never answers (connect timeout) is no refusal", () => {
+    const { client, sockets } = authClient("t1", { connectTimeoutMs: 1000 });
+    for (let i = 0; i < 4; i += 1) {
+      mock.timers.tick(1000); // the attempt times out...
+      mock.timers.tick(10_000); // ...and the next one starts after the delay
+    }
+    assert.notEqual(client.state, State.UNAUTHORIZED);
+    assert.ok(sockets.length >= 4);
+    client.close();
+  });
+
+  test("requests waiting fail with `unauthorized`; new ones fail at once", async () => {
+    const { client, socket } = authClient("bad", { unauthorizedAfter: 1 });
+    const waiting = makeBackendRequest(client, "echo", 1);
+    socket().drop(1006);
+    mock.timers.tick(250);
+    assert.equal(client.state, State.UNAUTHORIZED);
+    const outcome = await peek(waiting);
+    assert.equal(outcome.status, "rejected");
+    assert.equal(outcome.reason.code, ErrorCode.UNAUTHORIZED);
+    const late = await peek(makeBackendRequest(client, "echo", 2));
+    assert.equal(late.reason.code, ErrorCode.UNAUTHORIZED);
+    client.close();
+  });
+
+  test("hostile token values: refused at once as options, `unauthorized` from a function", async () => {
+    const huge = "x".repeat(MAX_TOKEN_BYTES + 1);
+    for (const bad of [42, "", huge, {}, ["t"], true]) {
+      assert.throws(() => authClient(bad), TypeError);
+    }
+    assert.doesNotThrow(() => authClient("é".repeat(MAX_TOKEN_BYTES / 2)).client.close());
+    for (const bad of [42, "", huge, { token: "t" }]) {
+      const { client, sockets } = authClient(async () => bad);
+      const unauthorized = unauthorizedEvents(client);
+      await settle();
+      assert.equal(client.state, State.UNAUTHORIZED, String(bad).slice(0, 20));
+      assert.equal(unauthorized[0].reason, "invalid");
+      assert.ok(!unauthorized[0].message.includes(huge));
+      assert.equal(sockets.length, 0);
+      client.close();
+    }
+    assert.throws(() => authClient("t", { unauthorizedAfter: 0 }), TypeError);
+    const { client } = authClient("t");
+    assert.throws(() => client.setToken(7), TypeError);
+    client.close();
+  });
+
+  test("a function that returns null connects without a token (for --allow-anonymous)", async () => {
+    const { client, socket } = authClient(async () => null);
+    await settle();
+    assert.equal(socket().argumentCount, 1);
+    helloAs(socket(), { sub: "anonymous", expiresAt: null });
+    assert.equal(client.state, State.OPEN);
+    client.close();
+  });
+});
+
+describe("the token stays out of logs", () => {
+  test("the logger redacts the client's tokens and any bearer subprotocol entry", async () => {
+    const token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl";
+    const { client, socket } = authClient(token);
+    helloAs(socket());
+    const logger = createLogger(client);
+    const entry = socket().protocols[1];
+    logger.error(new Error(`handshake with ${entry} failed for ${token}`),
+      { token, nested: { quoted: `"${token}"` }, [token]: 1 });
+    logger.warn(`wrapped: ${JSON.stringify({ protocols: socket().protocols })}`);
+    logger.flush();
+    const shipped = JSON.stringify(socket().sentOfType("client-log"));
+    assert.ok(shipped.includes("[redacted]"), shipped);
+    assert.ok(!shipped.includes(token), shipped);
+    assert.ok(!shipped.includes(entry.slice(BEARER_SUBPROTOCOL_PREFIX.length)), shipped);
+    assert.ok(!shipped.includes(Buffer.from(token).toString("base64url")), shipped);
+    client.close();
+  });
+
+  test("a WebSocket constructor error that quotes the subprotocols is not passed on", () => {
+    class Throwing extends FakeWebSocket.fresh() {
+      constructor(url, protocols) {
+        throw new SyntaxError(`The subprotocol '${protocols?.[1]}' is invalid.`);
+      }
+    }
+    const token = "a-token-that-must-not-show";
+    const details = [];
+    const client = createClient({ url: "ws://gateway.test/ws", token, WebSocket: Throwing });
+    client.addEventListener("reconnecting", (event) => details.push(event.detail));
+    mock.timers.tick(250);
+    assert.ok(details.length >= 1);
+    const text = JSON.stringify(details.map((d) => ({ ...d, error: String(d.error) })));
+    assert.ok(!text.includes("base64url.bearer"), text);
+    assert.match(text, /the WebSocket could not be created \(SyntaxError\)/);
+    client.close();
+  });
+});
