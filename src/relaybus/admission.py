@@ -29,7 +29,15 @@ from twisted.web.http import combinedLogFormatter
 from twisted.web.server import Request
 
 from relaybus.errors import ErrorCode, RelaybusError
-from relaybus.identity import BearerToken, IPrincipal, JWTChecker, Principal, makePortal
+from relaybus.identity import (
+    BearerToken,
+    IPrincipal,
+    JWTChecker,
+    KeysUnavailable,
+    Principal,
+    UnknownKeyId,
+    makePortal,
+)
 
 log = Logger(namespace="relaybus.admission")
 
@@ -37,6 +45,7 @@ SUBPROTOCOL = "relaybus.v1"
 BEARER_SUBPROTOCOL_PREFIX = "base64url.bearer.relaybus."
 ACCESS_TOKEN_PARAMETER = "access_token"
 UNAUTHORIZED_STATUS = 401
+KEYS_UNAVAILABLE_STATUS = 503  # --jwks-url before its first fetch: retry later, not a bad token
 # The close code of a connection whose token expired without a refresh (4000-4999: ours).
 CLOSE_TOKEN_EXPIRED = 4401
 
@@ -187,6 +196,9 @@ class Authenticator:
             return result[1]
 
         def refused(failure: Failure) -> Failure:
+            if failure.check(KeysUnavailable):
+                return Failure(ConnectionDeny(KEYS_UNAVAILABLE_STATUS,
+                                              failure.getErrorMessage()))
             if failure.check(UnhandledCredentials):
                 reason = "a bearer token is required"
             elif failure.check(UnauthorizedLogin):
@@ -204,6 +216,9 @@ class Authenticator:
         try:
             principal = self._checker.verify(token)
         except UnauthorizedLogin as e:
+            if isinstance(e, UnknownKeyId) and self._checker.onUnknownKey is not None:
+                # Answered at once; the refetch (rate-limited) lets a retry find the key.
+                self._checker.onUnknownKey()
             raise RelaybusError(ErrorCode.UNAUTHORIZED, str(e)) from None
         if principal.sub != current.sub:
             raise RelaybusError(ErrorCode.UNAUTHORIZED, "a refresh must keep the same sub")

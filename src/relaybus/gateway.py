@@ -11,6 +11,7 @@ import ipaddress
 import math
 import re
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from zope.interface import implementer
 from relaybus.admission import (
     CLOSE_TOKEN_EXPIRED,
     FORBIDDEN_STATUS,
+    KEYS_UNAVAILABLE_STATUS,
     UNAUTHORIZED_STATUS,
     Authenticator,
     OriginPolicy,
@@ -64,6 +66,7 @@ clientLog = Logger(namespace="relaybus.clientlog")
 
 CLOSE_GOING_AWAY = 1001
 TOO_MANY_REQUESTS = 429
+KEYS_UNAVAILABLE_RETRY_AFTER_S = 5
 CLOSE_NOT_READING = 1008  # policy violation: the client let too much pile up unread
 CLOSE_FLUSH_TIMEOUT_S = 5.0  # how long a finished close handshake may wait to flush
 LOG_DROP_NOTICE_INTERVAL_S = 1.0
@@ -118,7 +121,11 @@ class GatewayProtocol(WebSocketServerProtocol):
             return subprotocol
 
         def refused(failure: Failure) -> Failure:
-            factory.handshakesRefused["unauthorized"] += 1
+            if getattr(failure.value, "code", None) == KEYS_UNAVAILABLE_STATUS:
+                factory.handshakesRefused["keys_unavailable"] += 1
+                self._retryAfterS = KEYS_UNAVAILABLE_RETRY_AFTER_S
+            else:
+                factory.handshakesRefused["unauthorized"] += 1
             return failure
 
         return factory.authenticator.admit(request).addCallbacks(admitted, refused)
@@ -128,7 +135,7 @@ class GatewayProtocol(WebSocketServerProtocol):
         if code == UNAUTHORIZED_STATUS:  # RFC 6750: say which scheme would be accepted
             responseHeaders = [*(responseHeaders or []),
                                ("WWW-Authenticate", 'Bearer realm="relaybus"')]
-        if code == TOO_MANY_REQUESTS and self._retryAfterS is not None:
+        if code in (TOO_MANY_REQUESTS, KEYS_UNAVAILABLE_STATUS) and self._retryAfterS is not None:
             responseHeaders = [*(responseHeaders or []), ("Retry-After", str(self._retryAfterS))]
         super().failHandshake(reason, code, responseHeaders)
 
@@ -474,7 +481,8 @@ class _BrowserLibrary(Resource):
 
 
 def makeSite(factory: GatewayFactory, bus: IRequestBus, isDraining: Any,
-             metrics: Resource) -> GatewaySite:
+             metrics: Resource, keysReady: Callable[[], bool] = lambda: True) -> GatewaySite:
+    """`keysReady`: False until --jwks-url's first set is loaded (/readyz says not ready)."""
     root = Resource()
     root.putChild(b"metrics", metrics)
     root.putChild(b"", _WebFile(WEB_ROOT / "index.html"))
@@ -482,7 +490,8 @@ def makeSite(factory: GatewayFactory, bus: IRequestBus, isDraining: Any,
     root.putChild(b"client", _BrowserLibrary())
     root.putChild(b"ws", WebSocketResource(factory))
     root.putChild(b"healthz", _Health(lambda: True))
-    root.putChild(b"readyz", _Health(lambda: bus.isReady() and not isDraining()))
+    root.putChild(b"readyz", _Health(lambda: bus.isReady() and not isDraining()
+                                     and keysReady()))
     config = factory.config
     limits = RequestLimits(deadlineS=config.openHandshakeTimeoutS,
                            maxPendingPerPeer=config.maxConnectionsPerIp,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,9 +29,14 @@ from twisted.cred.credentials import ICredentials
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
+from relaybus.jwks import DEFAULT_REFRESH_S, MAX_REFRESH_S, MIN_REFRESH_S, checkJWKSURL
+from relaybus.strictjson import decodeJSON
+
 MAX_TOKEN_BYTES = 8192
+MAX_JWKS_KEYS = 100
 MAX_SUB_LENGTH = 256
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 HMAC_MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
@@ -82,6 +87,8 @@ class JWTSettings:
     secretFile: str | None = None
     publicKeyFile: str | None = None
     jwksFile: str | None = None
+    jwksUrl: str | None = None
+    jwksRefreshS: float = DEFAULT_REFRESH_S
     algorithms: tuple[str, ...] = ()  # the allow-list; () = from the key type
     audience: str | None = None
     issuer: str | None = None
@@ -89,7 +96,7 @@ class JWTSettings:
 
     @property
     def configured(self) -> bool:
-        return any((self.secretFile, self.publicKeyFile, self.jwksFile))
+        return any((self.secretFile, self.publicKeyFile, self.jwksFile, self.jwksUrl))
 
 
 @attrs.frozen
@@ -110,6 +117,15 @@ def _refuse(reason: str) -> UnauthorizedLogin:
     return UnauthorizedLogin(reason)
 
 
+class UnknownKeyId(UnauthorizedLogin):
+    """The token names a key id the key set does not hold."""
+
+
+class KeysUnavailable(UnauthorizedLogin):
+    """No key set is loaded yet (--jwks-url before its first fetch): the gateway's fault,
+    not the client's, so the handshake gets HTTP 503, not 401."""
+
+
 @implementer(ICredentialsChecker)
 class JWTChecker:
     """Verifies bearer JWTs against one static key or a key set chosen by `kid`."""
@@ -121,16 +137,39 @@ class JWTChecker:
         self._keys = dict(keys)
         self._settings = settings
         self._clock = clock
+        # Set by a remote key set (relaybus.jwks.RemoteJWKS): called when a token names an
+        # unknown kid; a Deferred that fires when a refetch has ended, or None (no refetch).
+        self.onUnknownKey: Callable[[], Deferred[None] | None] | None = None
 
-    def replaceKeys(self, jwksText: str) -> None:
-        """A fresh key set (key rotation); refused whole when it does not load."""
-        self._keys = _keysFromJWKS(jwksText, self._settings.algorithms)
+    @property
+    def keyIds(self) -> frozenset[str | None]:
+        return frozenset(self._keys)
+
+    def replaceKeys(self, jwksText: str, option: str = "--jwks-file") -> None:
+        """A fresh key set (key rotation); refused whole (ValueError, the old keys stay)
+        when it does not load."""
+        self._keys = _keysFromJWKS(jwksText, self._settings.algorithms, option)
 
     # twisted.cred types avatar ids as bytes; ours is the Principal, so the realm gets the
     # verified claims without a second look at the token.
     def requestAvatarId(  # type: ignore[override]
             self, credentials: IBearerToken) -> Deferred[Principal]:
-        return maybeDeferred(self.verify, credentials.token)
+        """As verify; a token with an unknown kid waits for the refetch it causes (when one
+        may run) and is verified once more against the fresh set."""
+        token = credentials.token
+        d = maybeDeferred(self.verify, token)
+        if self.onUnknownKey is None:
+            return d
+
+        def unknownKey(failure: Failure) -> Any:
+            failure.trap(UnknownKeyId, KeysUnavailable)
+            assert self.onUnknownKey is not None
+            refetched = self.onUnknownKey()
+            if refetched is None:
+                return failure
+            return refetched.addCallback(lambda _: self.verify(token))
+
+        return d.addErrback(unknownKey)
 
     def verify(self, token: str) -> Principal:
         if len(token.encode("utf-8", "surrogatepass")) > MAX_TOKEN_BYTES:
@@ -174,13 +213,15 @@ class JWTChecker:
             raise _refuse("malformed token")
         if None in self._keys:  # one static key: a kid, if any, is not needed
             return self._keys[None]
+        if not self._keys:
+            raise KeysUnavailable("signing keys not loaded yet")
         if kid is None:
             if len(self._keys) == 1:
                 return next(iter(self._keys.values()))
             raise _refuse("unknown key id")
         key = self._keys.get(kid)
         if key is None:
-            raise _refuse("unknown key id")
+            raise UnknownKeyId("unknown key id")
         return key
 
     def _checkTimes(self, claims: Mapping[str, Any]) -> float:
@@ -242,10 +283,14 @@ def makePortal(checker: JWTChecker, allowAnonymous: bool) -> Portal:
 def loadChecker(settings: JWTSettings, clock: TimeSource) -> JWTChecker:
     sources = [name for name, value in (("--jwt-secret-file", settings.secretFile),
                                         ("--jwt-public-key-file", settings.publicKeyFile),
-                                        ("--jwks-file", settings.jwksFile)) if value]
+                                        ("--jwks-file", settings.jwksFile),
+                                        ("--jwks-url", settings.jwksUrl)) if value]
     if len(sources) != 1:
         raise ValueError("name exactly one JWT key source (--jwt-secret-file, "
-                         "--jwt-public-key-file or --jwks-file)")
+                         "--jwt-public-key-file, --jwks-file or --jwks-url)")
+    if not MIN_REFRESH_S <= settings.jwksRefreshS <= MAX_REFRESH_S:
+        raise ValueError(f"--jwks-refresh must be {MIN_REFRESH_S:g} to {MAX_REFRESH_S:g} "
+                         "seconds")
     if settings.leewayS < 0:
         raise ValueError("--jwt-leeway must not be negative")
     _checkAllowList(settings.algorithms)
@@ -262,10 +307,13 @@ def loadChecker(settings: JWTSettings, clock: TimeSource) -> JWTChecker:
                              "key, a certificate or anything else is refused)") from None
         keys = {None: _Key(publicKey, _allowed(_family(publicKey), settings.algorithms,
                                                "--jwt-public-key-file"))}
-    else:
-        assert settings.jwksFile is not None
+    elif settings.jwksFile:
         text = _read(settings.jwksFile, "--jwks-file").decode("utf-8", "replace")
         keys = _keysFromJWKS(text, settings.algorithms)
+    else:
+        assert settings.jwksUrl is not None
+        checkJWKSURL(settings.jwksUrl)
+        keys = {}  # fetched once the gateway runs (relaybus.jwks.RemoteJWKS)
     return JWTChecker(keys, settings, clock)
 
 
@@ -330,23 +378,37 @@ def _allowed(family: Sequence[str], algorithms: Sequence[str], option: str) -> t
     return allowed
 
 
-def _keysFromJWKS(text: str, algorithms: Sequence[str]) -> dict[str | None, _Key]:
+def _keysFromJWKS(text: str, algorithms: Sequence[str],
+                  option: str = "--jwks-file") -> dict[str | None, _Key]:
     """Public keys only: a symmetric (oct) key in a JWK Set is refused, so an HMAC
-    algorithm can never meet a key that was published."""
+    algorithm can never meet a key that was published. Keys whose `use` is not `sig`
+    (encryption keys) are left out; at most MAX_JWKS_KEYS keys. Every message is fixed:
+    it is logged, and must not show key material."""
     try:
-        keySet = jwt.PyJWKSet.from_json(text)
-    except (jwt.PyJWKSetError, jwt.InvalidKeyError, ValueError, KeyError,
+        document = decodeJSON(text)
+    except ValueError:
+        raise ValueError(f"{option}: not JSON") from None
+    entries = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f"{option}: not a JWK Set (an object with a list of keys)")
+    if len(entries) > MAX_JWKS_KEYS:
+        raise ValueError(f"{option}: more than {MAX_JWKS_KEYS} keys")
+    entries = [entry for entry in entries
+               if not (isinstance(entry, dict) and entry.get("use", "sig") != "sig")]
+    try:
+        keySet = jwt.PyJWKSet(entries)
+    except (jwt.PyJWKSetError, jwt.InvalidKeyError, ValueError, KeyError, TypeError,
             NotImplementedError):  # a JWK with alg "none", an oct key without "k"
-        raise ValueError("--jwks-file: not a JWK Set with usable keys") from None
+        raise ValueError(f"{option}: not a JWK Set with usable keys") from None
     keys: dict[str | None, _Key] = {}
     for jwk in keySet.keys:
         if jwk.key_type == "oct":
-            raise ValueError("--jwks-file: symmetric (oct) keys are refused; publish public "
+            raise ValueError(f"{option}: symmetric (oct) keys are refused; publish public "
                              "keys only")
         if jwk.key_id is None and len(keySet.keys) > 1:
-            raise ValueError("--jwks-file: with several keys, every key needs a kid")
+            raise ValueError(f"{option}: with several keys, every key needs a kid")
         if jwk.key_id in keys:
-            raise ValueError("--jwks-file: two keys share a kid")
+            raise ValueError(f"{option}: two keys share a kid")
         keys[jwk.key_id if len(keySet.keys) > 1 else jwk.key_id or "default"] = _Key(
-            jwk.key, _allowed(_family(jwk.key), algorithms, "--jwks-file"))
+            jwk.key, _allowed(_family(jwk.key), algorithms, option))
     return keys

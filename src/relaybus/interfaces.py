@@ -137,3 +137,15 @@ class IClientConnection(Interface):
 
     def sendError(requestId: str, error: RelaybusError) -> None:
         """Send a request's final error (a RelaybusError); never raises for size or content."""
+
+
+class IJWKSFetcher(Interface):
+    """How the gateway gets the JWK Set document of --jwks-url (relaybus.jwks)."""
+
+    def fetch() -> Deferred[bytes]:
+        """The document's body.
+
+        Fails with relaybus.jwks.JWKSFetchError, whose message is a short reason that is
+        safe to log (never the body, never the URL's query). Cancelling the Deferred aborts
+        the transfer.
+        """

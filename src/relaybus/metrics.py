@@ -16,14 +16,16 @@ from twisted.web.server import Request
 from relaybus.correlation import CorrelationTable
 from relaybus.gateway import GatewayFactory
 from relaybus.interfaces import IRequestBus
+from relaybus.jwks import RemoteJWKS
 
 
 class GatewayCollector:
     """Reads the live state at scrape time, so the numbers cannot drift from the truth."""
 
     def __init__(self, table: CorrelationTable, factory: GatewayFactory, bus: IRequestBus,
-                 reactor: IReactorTime) -> None:
+                 reactor: IReactorTime, jwks: RemoteJWKS | None = None) -> None:
         self._table = table
+        self._jwks = jwks
         self._factory = factory
         self._bus = bus
         self._reactor = reactor
@@ -85,6 +87,24 @@ class GatewayCollector:
         yield GaugeMetricFamily("relaybus_reactor_delayed_calls",
                                 "Timers pending in the reactor (a timer leak shows here).",
                                 value=len(self._reactor.getDelayedCalls()))
+        if self._jwks is not None:
+            yield from self._jwksMetrics(self._jwks)
+
+    def _jwksMetrics(self, jwks: RemoteJWKS) -> Iterator[Metric]:
+        refreshes = CounterMetricFamily(
+            "relaybus_jwks_refreshes",
+            "Fetches of --jwks-url, by outcome (failed: the keys loaded before are kept).",
+            labels=["outcome"])
+        for outcome, count in sorted(jwks.refreshes.items()):
+            refreshes.add_metric([outcome], count)
+        yield refreshes
+        yield GaugeMetricFamily("relaybus_jwks_keys", "Keys of the JWK Set in use (0: none "
+                                "loaded yet, handshakes with a token get 503).",
+                                value=jwks.keyCount)
+        if jwks.loadedAt is not None:
+            yield GaugeMetricFamily("relaybus_jwks_age_seconds",
+                                    "Seconds since the JWK Set was last loaded.",
+                                    value=self._reactor.seconds() - jwks.loadedAt)
 
 
 def gatewayRegistry(collector: GatewayCollector) -> CollectorRegistry:

@@ -16,6 +16,7 @@ from relaybus.config import GatewayConfig, Limits, WorkerConfig, newGatewayId
 from relaybus.handlers import registerHandlers
 from relaybus.identity import JWTChecker, JWTSettings, loadChecker
 from relaybus.interfaces import IRequestHandler
+from relaybus.jwks import DEFAULT_REFRESH_S
 
 MAX_NAME_LENGTH = 64
 _LIMITS = Limits()
@@ -105,7 +106,7 @@ def _loadChecker(config: GatewayConfig) -> JWTChecker | None:
     if not config.jwt.configured:
         if config.allowAnonymous:
             raise usage.UsageError("--allow-anonymous needs a JWT key (--jwt-secret-file, "
-                                   "--jwt-public-key-file or --jwks-file)")
+                                   "--jwt-public-key-file, --jwks-file or --jwks-url)")
         return None
     try:
         return loadChecker(config.jwt, _ReactorClock())
@@ -216,6 +217,11 @@ class GatewayOptions(_EnvironmentOptions):
          "PEM public key that verifies clients' JWTs (RS*, PS*, ES256/ES384, EdDSA)."],
         ["jwks-file", None, None, "JWK Set file of the keys that verify clients' JWTs "
          "(chosen by the token's kid)."],
+        ["jwks-url", None, None, "https:// URL of the JWK Set that verifies clients' JWTs "
+         "(http:// only to loopback); fetched at start, periodically and on an unknown kid."],
+        ["jwks-refresh", None, None,
+         f"Seconds between fetches of --jwks-url (default {DEFAULT_REFRESH_S:g}).",
+         _positiveFloat],
         ["jwt-algorithms", None, None,
          "Comma-separated allow-list of JWT algorithms (default: from the key type)."],
         ["jwt-audience", None, None, "Required `aud` of clients' JWTs."],
@@ -295,7 +301,9 @@ class GatewayOptions(_EnvironmentOptions):
             trustedProxies=tuple(self["trusted-proxy"]),
             jwt=JWTSettings(
                 secretFile=self["jwt-secret-file"], publicKeyFile=self["jwt-public-key-file"],
-                jwksFile=self["jwks-file"], algorithms=_commaList(self["jwt-algorithms"]),
+                jwksFile=self["jwks-file"], jwksUrl=self["jwks-url"],
+                jwksRefreshS=self["jwks-refresh"] or DEFAULT_REFRESH_S,
+                algorithms=_commaList(self["jwt-algorithms"]),
                 audience=self["jwt-audience"], issuer=self["jwt-issuer"],
                 leewayS=self["jwt-leeway"]),
             allowAnonymous=bool(self["allow-anonymous"]), jwtCookie=self["jwt-cookie"],
@@ -310,6 +318,8 @@ class GatewayOptions(_EnvironmentOptions):
                                    "WebSocket handshake")
         if self.config.jwtCookie is not None and not self.config.jwt.configured:
             raise usage.UsageError("--jwt-cookie needs a JWT key")
+        if self["jwks-refresh"] is not None and not self.config.jwt.jwksUrl:
+            raise usage.UsageError("--jwks-refresh needs --jwks-url")
         self.registry = _resolveHandlers(self.config.inProcessHandlers)
         self.checker = _loadChecker(self.config)
         self.authorizer = _loadAuthorizer(self.config)

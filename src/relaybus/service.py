@@ -26,7 +26,8 @@ from relaybus.config import GatewayConfig, WorkerConfig
 from relaybus.correlation import CorrelationTable
 from relaybus.gateway import GatewayFactory, makeSite
 from relaybus.identity import JWTChecker
-from relaybus.interfaces import IRequestBus, IRequestHandler, IWorkerBus
+from relaybus.interfaces import IJWKSFetcher, IRequestBus, IRequestHandler, IWorkerBus
+from relaybus.jwks import AgentJWKSFetcher, RemoteJWKS, checkJWKSURL
 from relaybus.memory import MemoryBus
 from relaybus.metrics import GatewayCollector, MetricsResource, gatewayRegistry
 from relaybus.worker import WorkerRuntime
@@ -84,12 +85,14 @@ class GatewayService(MultiService):
     `handlers` are the in-process handlers the options resolved (GatewayOptions.registry);
     `checker` verifies the handshakes' tokens (GatewayOptions.checker; None: no keys, every
     handshake is admitted); `authorizer` decides what each principal may call
-    (GatewayOptions.authorizer; None: everything).
+    (GatewayOptions.authorizer; None: everything). With --jwks-url, a RemoteJWKS child keeps
+    the checker's keys fetched (`jwksFetcher` replaces its HTTP client in tests).
     """
 
     def __init__(self, config: GatewayConfig, handlers: dict[str, IRequestHandler],
                  reactor: Any = None, checker: JWTChecker | None = None,
-                 authorizer: Authorizer | None = None) -> None:
+                 authorizer: Authorizer | None = None,
+                 jwksFetcher: IJWKSFetcher | None = None) -> None:
         super().__init__()
         reactor = reactor or _defaultReactor()
         self.config = config
@@ -131,9 +134,16 @@ class GatewayService(MultiService):
                          Authenticator(checker, config.allowAnonymous, config.jwt.leewayS,
                                        config.jwtCookie))
         self.factory = GatewayFactory(config, self.table, reactor, authenticator)
+        self.jwks: RemoteJWKS | None = None
+        jwksUrl = config.jwt.jwksUrl
+        if checker is not None and jwksUrl:
+            self.jwks = RemoteJWKS(checker, jwksFetcher or AgentJWKSFetcher(reactor, jwksUrl),
+                                   reactor, checkJWKSURL(jwksUrl), config.jwt.jwksRefreshS)
+            self.jwks.setServiceParent(self)
         metrics = MetricsResource(gatewayRegistry(
-            GatewayCollector(self.table, self.factory, bus, reactor)))
-        self.site = makeSite(self.factory, bus, lambda: self.draining, metrics)
+            GatewayCollector(self.table, self.factory, bus, reactor, self.jwks)))
+        self.site = makeSite(self.factory, bus, lambda: self.draining, metrics,
+                             lambda: self.jwks is None or self.jwks.loaded)
         self.listener = strports.service(config.listen, self.site, reactor=reactor)
         self.listener.setServiceParent(self)
 
@@ -149,6 +159,7 @@ class GatewayService(MultiService):
         self.draining = True
         steps: list[tuple[str, Callable[[], Any]]] = [
             ("stop listening", self.listener.stopService),
+            *([("stop fetching the JWK Set", self.jwks.stopService)] if self.jwks else []),
             *([("stop watching for absent workers", self.workerWatch.stopService)]
               if self.workerWatch is not None else []),
             ("drain requests", lambda: self.table.drain(self.config.drainTimeoutS)),

@@ -25,6 +25,7 @@ from relaybus.frames import ClientFrames
 from relaybus.identity import Principal
 from relaybus.interfaces import (
     IClientConnection,
+    IJWKSFetcher,
     IReplyReceiver,
     IRequestBus,
     IRequestHandler,
@@ -32,6 +33,7 @@ from relaybus.interfaces import (
     IRequestStream,
     IWorkerBus,
 )
+from relaybus.jwks import JWKSFetchError
 from relaybus.messages import CancelNotice, Delivery, ReplyMessage, RequestMessage
 from relaybus.strictjson import decodeJSON
 
@@ -387,3 +389,31 @@ class FakeRequestHandler:
         d: Deferred[Any] = Deferred(lambda _: self.cancelled.append(request))
         self.calls.append((request, stream, d))
         return d
+
+
+@implementer(IJWKSFetcher)
+@attrs.define(eq=False)
+class FakeJWKSFetcher:
+    """A JWK Set server the test answers: each fetch waits until `respond` or `fail`."""
+
+    pending: list[Deferred[bytes]] = attrs.field(factory=list)
+    fetches: int = 0
+    cancelled: int = 0
+
+    def fetch(self) -> Deferred[bytes]:
+        self.fetches += 1
+
+        def cancel(d: Deferred[bytes]) -> None:
+            self.cancelled += 1
+            self.pending.remove(d)
+
+        d: Deferred[bytes] = Deferred(cancel)
+        self.pending.append(d)
+        return d
+
+    def respond(self, body: bytes | str) -> None:
+        """Answer the oldest fetch in flight with `body`."""
+        self.pending.pop(0).callback(body.encode() if isinstance(body, str) else body)
+
+    def fail(self, reason: str = "HTTP status 500") -> None:
+        self.pending.pop(0).errback(JWKSFetchError(reason))

@@ -20,6 +20,7 @@ from relaybus.correlation import CorrelationTable
 from relaybus.gateway import GatewayFactory, GatewayProtocol
 from relaybus.interfaces import (
     IClientConnection,
+    IJWKSFetcher,
     IReplyReceiver,
     IRequestBus,
     IRequestHandler,
@@ -27,9 +28,11 @@ from relaybus.interfaces import (
     IRequestStream,
     IWorkerBus,
 )
+from relaybus.jwks import AgentJWKSFetcher
 from relaybus.memory import MemoryBus
 from relaybus.testing import (
     FakeClientConnection,
+    FakeJWKSFetcher,
     FakeReplyReceiver,
     FakeRequestBus,
     FakeRequestHandler,
@@ -94,6 +97,9 @@ def _cases() -> list[Any]:
         pytest.param(IRequestReceiver, FakeRequestReceiver(), id="FakeRequestReceiver"),
         pytest.param(IRequestStream, FakeRequestStream(), id="FakeRequestStream"),
         pytest.param(IRequestHandler, FakeRequestHandler(), id="FakeRequestHandler"),
+        pytest.param(IJWKSFetcher, AgentJWKSFetcher(reactor, "https://idp.example/jwks.json"),
+                     id="AgentJWKSFetcher"),
+        pytest.param(IJWKSFetcher, FakeJWKSFetcher(), id="FakeJWKSFetcher"),
     ]
 
 
@@ -103,7 +109,8 @@ def test_provides_interface(interface: type[Interface], provider: Any) -> None:
     assert verifyClass(interface, type(provider))
 
 
-@pytest.mark.parametrize("interface", [IClientConnection, IReplyReceiver, IRequestBus,
+@pytest.mark.parametrize("interface", [IClientConnection, IJWKSFetcher, IReplyReceiver,
+                                       IRequestBus,
                                        IRequestHandler, IRequestReceiver, IRequestStream,
                                        IWorkerBus])
 def test_every_interface_has_a_fake_in_relaybus_testing(interface: type[Interface]) -> None:

@@ -407,3 +407,28 @@ def test_a_cookie_token_needs_an_explicit_origin_list(tmp_path: Any,
     options.parseOptions(["--jwt-secret-file", secretFile(tmp_path), "--jwt-cookie", "rb",
                           "--allowed-origin", "https://app.example"])
     assert options.config.jwtCookie == "rb"
+
+
+def test_jwks_url_and_refresh_from_the_command_line_and_the_environment() -> None:
+    url = "https://idp.example/.well-known/jwks.json"
+    config = gateway("--jwks-url", url, "--jwks-refresh", "60")
+    assert (config.jwt.jwksUrl, config.jwt.jwksRefreshS) == (url, 60.0)
+    assert config.jwt.configured
+    assert gateway("--jwks-url", url).jwt.jwksRefreshS == 300.0
+    options = GatewayOptions.fromEnvironment({"RELAYBUS_JWKS_URL": url,
+                                              "RELAYBUS_JWKS_REFRESH": "120"})
+    assert (options.config.jwt.jwksUrl, options.config.jwt.jwksRefreshS) == (url, 120.0)
+    assert options.checker is not None and options.checker.keyIds == frozenset()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--jwks-refresh", "60"], "--jwks-refresh needs --jwks-url"),
+    (["--jwks-url", "http://idp.example/jwks.json"], "must be https://"),
+    (["--jwks-url", "https://u:hunter2@idp.example/jwks.json"], "credentials"),
+    (["--jwks-url", "https://idp.example/k", "--jwks-refresh", "0.1"], "--jwks-refresh"),
+    (["--jwks-url", "https://idp.example/k", "--jwks-file", "k.json"], "exactly one"),
+])
+def test_jwks_url_usage_errors(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=message) as raised:
+        gateway(*argv)
+    assert "hunter2" not in str(raised.value)
