@@ -27,10 +27,10 @@ from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbac
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IAddress, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, connectionDone
-from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relaybus.amqp.brokerurl import clientTLS, parseBrokerURL, pikaParameters
 from relaybus.errors import ErrorCode, RelaybusError
 
 log = Logger(namespace="relaybus.amqp")
@@ -45,26 +45,32 @@ DEFAULT_HEARTBEAT_S = 15
 
 
 def brokerParameters(url: str) -> pika.URLParameters:
-    parameters = pika.URLParameters(url)
-    if "heartbeat" not in urllib.parse.parse_qs(urllib.parse.urlsplit(url).query):
+    """pika's parameters for a broker URL, relaybus's own TLS options taken out."""
+    broker = parseBrokerURL(url)
+    parameters = pikaParameters(broker)
+    if "heartbeat" not in urllib.parse.parse_qs(urllib.parse.urlsplit(broker.pikaURL).query):
         parameters.heartbeat = DEFAULT_HEARTBEAT_S
     return parameters
 
 
 def validateBrokerURL(url: str) -> None:
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme not in ("amqp", "amqps") or not parsed.hostname:
-        raise ValueError(f"broker must be 'memory' or an amqp:// or amqps:// URL, not {url!r}")
+    """Everything a broker URL can get wrong, at start: its form, its options, pika's
+    values, and the TLS files (read and parsed). ValueError's message never holds the
+    password or a key."""
+    broker = parseBrokerURL(url)
+    pikaParameters(broker)
+    if broker.tls:
+        clientTLS(broker)
 
 
 def endpointForURL(reactor: Any, url: str) -> IStreamClientEndpoint:
-    """pika ignores host, port and TLS in its parameters: Twisted does the connecting."""
-    parsed = urllib.parse.urlsplit(url)
-    host = parsed.hostname or "localhost"
-    if parsed.scheme == "amqps":
-        return wrapClientTLS(optionsForClientTLS(host), HostnameEndpoint(
-            reactor, host, parsed.port or 5671, timeout=CONNECT_TIMEOUT_S))
-    return HostnameEndpoint(reactor, host, parsed.port or 5672, timeout=CONNECT_TIMEOUT_S)
+    """pika ignores host, port and TLS in its parameters: Twisted does the connecting (and
+    the TLS, with the files the URL names, read once here)."""
+    broker = parseBrokerURL(url)
+    tcp = HostnameEndpoint(reactor, broker.host, broker.port, timeout=CONNECT_TIMEOUT_S)
+    if broker.tls:
+        return wrapClientTLS(clientTLS(broker), tcp)
+    return tcp
 
 
 @attrs.frozen
