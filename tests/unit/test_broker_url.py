@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, PrivateCertificate
 from twisted.internet.task import Clock
@@ -23,7 +24,7 @@ from relaybus.amqp.brokerurl import (
     clientTLS,
     parseBrokerURL,
 )
-from relaybus.amqp.link import brokerParameters, validateBrokerURL
+from relaybus.amqp.link import brokerParameters, tlsProblem, validateBrokerURL
 from tlscerts import PKI, makePKI
 
 PASSWORD = "s3cret-PASSWORD"
@@ -247,13 +248,20 @@ def test_a_broker_certificate_of_another_ca_is_refused(pki: PKI, otherPKI: PKI) 
     client, server = handshake(url(f"cafile={otherPKI.caCert}"), pki, requireClientCert=False)
     assert server.received == b""
     assert client.lost is not None and "certificate verify failed" in str(client.lost.value)
+    assert tlsProblem(client.lost) == "certificate verify failed"  # what the link logs
 
 
 def test_the_certificate_must_name_the_host(pki: PKI) -> None:
     client, server = handshake(url(f"cafile={pki.caCert}&server_hostname=rabbit.example"),
                                pki, requireClientCert=False)
     assert server.received == b""
-    assert client.lost is not None
+    assert (tlsProblem(client.lost) or "").startswith(
+        "the broker's certificate does not name the host: ")
+
+
+def test_tls_problem_is_none_for_other_reasons() -> None:
+    assert tlsProblem(None) is None
+    assert tlsProblem(Failure(ConnectionDone())) is None
 
 
 def test_server_hostname_names_the_host_the_certificate_carries(pki: PKI) -> None:

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import attrs
 import pika
+from OpenSSL import SSL
 from pika.adapters.twisted_connection import (
     ClosableDeferredQueue,
     ReceivedMessage,
@@ -20,6 +21,7 @@ from pika.adapters.twisted_connection import (
     TwistedProtocolConnection,
 )
 from pika.exceptions import AMQPConnectionError
+from service_identity import VerificationError
 from twisted.application.internet import ClientService
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -71,6 +73,24 @@ def endpointForURL(reactor: Any, url: str) -> IStreamClientEndpoint:
     if broker.tls:
         return wrapClientTLS(clientTLS(broker), tcp)
     return tcp
+
+
+def tlsProblem(reason: Failure | None) -> str | None:
+    """What went wrong in a TLS handshake, in OpenSSL's words (None: not a TLS failure).
+    The broker's refusal of our certificate arrives as an alert (`certificate required`,
+    `unknown ca`); our refusal of its certificate as `certificate verify failed`, or as a
+    service_identity error when it names another host."""
+    if reason is None:
+        return None
+    if reason.check(SSL.Error):
+        args = getattr(reason.value, "args", ())
+        errors = args[0] if args else []
+        if isinstance(errors, list) and errors:
+            return "; ".join(str(e[-1]) if isinstance(e, tuple) else str(e) for e in errors)
+        return str(reason.value) or "a TLS error"
+    if reason.check(VerificationError):
+        return f"the broker's certificate does not name the host: {reason.value}"
+    return None
 
 
 @attrs.frozen
@@ -186,7 +206,10 @@ class AmqpConnection(TwistedProtocolConnection):
             setNoDelay(True)
         super().connectionMade()
 
+    lostReason: Failure | None = None  # why the transport went: pika keeps only a number
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lostReason = reason  # before pika fails `ready` with it
         super().connectionLost(reason)
         self._onLost(self, reason)
 
@@ -246,7 +269,7 @@ class BrokerLink(Service):
                 protocol = AmqpConnection(link._parameters, link._clock, link._connectionLost)
                 assert protocol.ready is not None
                 protocol.ready.addCallbacks(lambda _: link._handshaken(protocol),
-                                            link._handshakeFailed)
+                                            lambda f: link._handshakeFailed(protocol, f))
                 return protocol
 
         self._client = ClientService(self._endpoint, _Factory(), retryPolicy=self._nextDelay,
@@ -259,8 +282,12 @@ class BrokerLink(Service):
         self._failedAttempts += 1
         return self.backoff.delay(self._failedAttempts)
 
-    def _handshakeFailed(self, failure: Failure) -> None:
-        if failure.check(AMQPConnectionError):
+    def _handshakeFailed(self, connection: AmqpConnection, failure: Failure) -> None:
+        tls = tlsProblem(connection.lostReason)
+        if tls is not None:
+            why = ("TLS failed (check cafile, certfile, keyfile and server_hostname in the "
+                   f"broker URL): {tls}")
+        elif failure.check(AMQPConnectionError):
             # pika reports any stream lost during the handshake as a refusal: keep its reason
             # so an operator can tell a cut connection from a refused login.
             detail = failure.getErrorMessage() or repr(failure.value)
