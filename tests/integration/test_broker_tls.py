@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from processfixtures import Broker, Stack
+from processfixtures import Broker, Stack, echoStreamAndCancel
 from relaybus.harness import (
     GatewayProcess,
     RabbitMQError,
@@ -136,24 +136,10 @@ def tlsStack(makeStack, broker: Broker, url: str) -> Stack:
     return makeStack("rabbitmq", broker=Broker(url, broker.vhost, managed=True))
 
 
-def exerciseStack(stack: Stack, client) -> None:
-    """echo, a streaming testRequest, and a cancel, through the stack."""
-    assert client.call("echo", {"over": "tls"}).data == {"over": "tls"}
-    outcome = client.call("testRequest", {"count": 3, "delayMs": 0})
-    assert outcome.chunkData and len(outcome.chunks) == 3 and outcome.data["chunks"] == 3
-    mark = stack.mark()
-    requestId = client.request("testRequest", {"count": 100, "delayMs": 100}, timeoutMs=60_000)
-    client.waitForChunk(requestId)
-    client.cancel(requestId)
-    assert client.collect(requestId).code == "cancelled"
-    stack.waitForHandlerLog(r"Stopped testRequest \S+: cancelled by the gateway", mark)
-    client.assertQuiet(requestId)
-
-
 def test_gateway_and_worker_over_amqps_with_the_ca_from_the_url(
         broker, pki, tlsListener, makeStack, connect):
     stack = tlsStack(makeStack, broker, amqpsURL(broker, tlsListener, cafile=str(pki.caCert)))
-    exerciseStack(stack, connect(stack))
+    echoStreamAndCancel(stack, connect(stack))
     connections = tlsListener.connections(broker.vhost)
     assert len(connections) >= 2, connections  # the gateway's and the worker's, at least
     assert all(c["ssl"] is True for c in connections), connections
@@ -181,7 +167,7 @@ def test_a_required_client_certificate_from_certfile_and_keyfile(
     url = amqpsURL(broker, mutualTLSListener, cafile=str(pki.caCert),
                    certfile=str(pki.clientCert), keyfile=str(pki.clientKey))
     stack = tlsStack(makeStack, broker, url)
-    exerciseStack(stack, connect(stack))
+    echoStreamAndCancel(stack, connect(stack))
     connections = mutualTLSListener.connections(broker.vhost)
     assert connections and all("relaybus-client" in str(c["peer_cert_subject"])
                                for c in connections), connections
