@@ -707,6 +707,21 @@ class Client:
                 return e.rcvd.code if e.rcvd is not None else None
 
 
+def echoStreamAndCancel(stack: Stack, client: Client) -> None:
+    """A smoke test of a whole stack: an echo, a streaming testRequest, and a cancel that
+    stops the handler where it runs."""
+    assert client.call("echo", {"smoke": 1}).data == {"smoke": 1}
+    outcome = client.call("testRequest", {"count": 3, "delayMs": 0})
+    assert len(outcome.chunks) == 3 and outcome.data["chunks"] == 3, outcome
+    mark = stack.mark()
+    requestId = client.request("testRequest", {"count": 100, "delayMs": 100}, timeoutMs=60_000)
+    client.waitForChunk(requestId)
+    client.cancel(requestId)
+    assert client.collect(requestId).code == "cancelled"
+    stack.waitForHandlerLog(r"Stopped testRequest \S+: cancelled by the gateway", mark)
+    client.assertQuiet(requestId)
+
+
 def assertRepliesStopped(gateway: GatewayProcess, watchS: float = 0.5) -> None:
     """After a request ended and its handler was stopped: a chunk still published for it
     reaches the gateway as a late reply (dropped and counted, never sent), so the client

@@ -4,6 +4,7 @@ Split along the data flow, so each piece can be read (and tested) alone:
 
 - `codec`: relaybus messages <-> AMQP properties and headers (pure; the wire contract).
 - `topology`: exchange and queue names, and how they are declared.
+- `brokerurl`: broker URLs checked at start, and Twisted's TLS options for amqps://.
 - `link`: one reconnecting AMQP connection (`BrokerLink`) and the pika traps it handles.
 - `gatewaybus`: `AmqpRequestBus`, a gateway's publishing requests and consuming replies.
 - `workerbus`: `AmqpWorkerBus`, a worker's consuming requests and publishing replies.

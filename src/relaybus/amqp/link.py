@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import attrs
 import pika
+from OpenSSL import SSL
 from pika.adapters.twisted_connection import (
     ClosableDeferredQueue,
     ReceivedMessage,
@@ -20,6 +21,7 @@ from pika.adapters.twisted_connection import (
     TwistedProtocolConnection,
 )
 from pika.exceptions import AMQPConnectionError
+from service_identity import VerificationError
 from twisted.application.internet import ClientService
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -27,10 +29,10 @@ from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbac
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IAddress, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, connectionDone
-from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relaybus.amqp.brokerurl import clientTLS, parseBrokerURL, pikaParameters
 from relaybus.errors import ErrorCode, RelaybusError
 
 log = Logger(namespace="relaybus.amqp")
@@ -45,26 +47,50 @@ DEFAULT_HEARTBEAT_S = 15
 
 
 def brokerParameters(url: str) -> pika.URLParameters:
-    parameters = pika.URLParameters(url)
-    if "heartbeat" not in urllib.parse.parse_qs(urllib.parse.urlsplit(url).query):
+    """pika's parameters for a broker URL, relaybus's own TLS options taken out."""
+    broker = parseBrokerURL(url)
+    parameters = pikaParameters(broker)
+    if "heartbeat" not in urllib.parse.parse_qs(urllib.parse.urlsplit(broker.pikaURL).query):
         parameters.heartbeat = DEFAULT_HEARTBEAT_S
     return parameters
 
 
 def validateBrokerURL(url: str) -> None:
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme not in ("amqp", "amqps") or not parsed.hostname:
-        raise ValueError(f"broker must be 'memory' or an amqp:// or amqps:// URL, not {url!r}")
+    """Everything a broker URL can get wrong, at start: its form, its options, pika's
+    values, and the TLS files (read and parsed). ValueError's message never holds the
+    password or a key."""
+    broker = parseBrokerURL(url)
+    pikaParameters(broker)
+    if broker.tls:
+        clientTLS(broker)
 
 
 def endpointForURL(reactor: Any, url: str) -> IStreamClientEndpoint:
-    """pika ignores host, port and TLS in its parameters: Twisted does the connecting."""
-    parsed = urllib.parse.urlsplit(url)
-    host = parsed.hostname or "localhost"
-    if parsed.scheme == "amqps":
-        return wrapClientTLS(optionsForClientTLS(host), HostnameEndpoint(
-            reactor, host, parsed.port or 5671, timeout=CONNECT_TIMEOUT_S))
-    return HostnameEndpoint(reactor, host, parsed.port or 5672, timeout=CONNECT_TIMEOUT_S)
+    """pika ignores host, port and TLS in its parameters: Twisted does the connecting (and
+    the TLS, with the files the URL names, read once here)."""
+    broker = parseBrokerURL(url)
+    tcp = HostnameEndpoint(reactor, broker.host, broker.port, timeout=CONNECT_TIMEOUT_S)
+    if broker.tls:
+        return wrapClientTLS(clientTLS(broker), tcp)
+    return tcp
+
+
+def tlsProblem(reason: Failure | None) -> str | None:
+    """What went wrong in a TLS handshake, in OpenSSL's words (None: not a TLS failure).
+    The broker's refusal of our certificate arrives as an alert (`certificate required`,
+    `unknown ca`); our refusal of its certificate as `certificate verify failed`, or as a
+    service_identity error when it names another host."""
+    if reason is None:
+        return None
+    if reason.check(SSL.Error):
+        args = getattr(reason.value, "args", ())
+        errors = args[0] if args else []
+        if isinstance(errors, list) and errors:
+            return "; ".join(str(e[-1]) if isinstance(e, tuple) else str(e) for e in errors)
+        return str(reason.value) or "a TLS error"
+    if reason.check(VerificationError):
+        return f"the broker's certificate does not name the host: {reason.value}"
+    return None
 
 
 @attrs.frozen
@@ -180,7 +206,10 @@ class AmqpConnection(TwistedProtocolConnection):
             setNoDelay(True)
         super().connectionMade()
 
+    lostReason: Failure | None = None  # why the transport went: pika keeps only a number
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lostReason = reason  # before pika fails `ready` with it
         super().connectionLost(reason)
         self._onLost(self, reason)
 
@@ -240,7 +269,7 @@ class BrokerLink(Service):
                 protocol = AmqpConnection(link._parameters, link._clock, link._connectionLost)
                 assert protocol.ready is not None
                 protocol.ready.addCallbacks(lambda _: link._handshaken(protocol),
-                                            link._handshakeFailed)
+                                            lambda f: link._handshakeFailed(protocol, f))
                 return protocol
 
         self._client = ClientService(self._endpoint, _Factory(), retryPolicy=self._nextDelay,
@@ -253,8 +282,12 @@ class BrokerLink(Service):
         self._failedAttempts += 1
         return self.backoff.delay(self._failedAttempts)
 
-    def _handshakeFailed(self, failure: Failure) -> None:
-        if failure.check(AMQPConnectionError):
+    def _handshakeFailed(self, connection: AmqpConnection, failure: Failure) -> None:
+        tls = tlsProblem(connection.lostReason)
+        if tls is not None:
+            why = ("TLS failed (check cafile, certfile, keyfile and server_hostname in the "
+                   f"broker URL): {tls}")
+        elif failure.check(AMQPConnectionError):
             # pika reports any stream lost during the handshake as a refusal: keep its reason
             # so an operator can tell a cut connection from a refused login.
             detail = failure.getErrorMessage() or repr(failure.value)
