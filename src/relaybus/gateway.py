@@ -73,6 +73,11 @@ LOG_DROP_NOTICE_INTERVAL_S = 1.0
 WEB_ROOT = Path(__file__).parent / "web"
 
 
+# Close codes counted by name in /metrics: the protocol's and ours (docs/protocol.md); any other
+# code a client sends counts as "other", so clients cannot grow the label set.
+COUNTED_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1011, 4401})
+
+
 @implementer(IClientConnection, IPushProducer)
 class GatewayProtocol(WebSocketServerProtocol):
     factory: GatewayFactory
@@ -229,6 +234,7 @@ class GatewayProtocol(WebSocketServerProtocol):
         try:
             frame = parseClientFrame(payload, isBinary)
         except FrameError as e:
+            self.factory.framesRefused[str(e.code)] += 1
             self._sendTextFrame(errorFrame(e.requestId, e))
             return
         if isinstance(frame, RequestFrame):
@@ -261,6 +267,10 @@ class GatewayProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._cancelTokenExpiry()
+        if self.connectionId:  # it opened: count how it ended (a client picks its own codes)
+            self.factory.connectionsClosed[
+                str(code) if code in COUNTED_CLOSE_CODES else "none" if code is None
+                else "other"] += 1
         if self._clientAddress is not None:
             self.factory.perAddress.release(self._clientAddress)
             self._clientAddress = None
@@ -392,6 +402,8 @@ class GatewayFactory(WebSocketServerFactory):
         self.perAddress = PerAddressLimits(config.maxConnectionsPerIp,
                                            config.handshakesPerIpPerSecond, clock)
         self.handshakesRefused: collections.Counter[str] = collections.Counter()  # by reason
+        self.framesRefused: collections.Counter[str] = collections.Counter()  # by error code
+        self.connectionsClosed: collections.Counter[str] = collections.Counter()  # close code
         self.tokensExpired = 0
         self.requestsRateLimited = 0
         self.refreshesRefused = 0

@@ -73,6 +73,21 @@ class GatewayCollector:
         for reason, count in sorted(factory.handshakesRefused.items()):
             refused.add_metric([reason], count)
         yield refused
+        framesRefused = CounterMetricFamily(
+            "relaybus_frames_refused",
+            "Client frames answered with an error frame and not acted on, by code (bad_request: "
+            "not JSON, too deep, NaN, ...); the connection goes on.", labels=["code"])
+        for code, count in sorted(factory.framesRefused.items()):
+            framesRefused.add_metric([code], count)
+        yield framesRefused
+        closed = CounterMetricFamily(
+            "relaybus_connections_closed",
+            "Connections that had opened, by close code (1009 too big, 1002 protocol error, "
+            "4401 token expired, none: dropped without a close frame, other: a code the "
+            "client chose).", labels=["code"])
+        for code, count in sorted(factory.connectionsClosed.items()):
+            closed.add_metric([code], count)
+        yield closed
         yield CounterMetricFamily("relaybus_requests_rate_limited",
                                   "Requests refused (overloaded) over --requests-per-second.",
                                   value=factory.requestsRateLimited)

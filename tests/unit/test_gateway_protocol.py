@@ -120,6 +120,16 @@ def test_malformed_frame_gets_an_error_frame_and_the_connection_stays_open(
                      "payload": 1})
     gw.settle()
     assert client.messages() == [{"type": "response", "requestId": "after", "data": 1}]
+    assert gw.factory.framesRefused == {"bad_request": 1}
+
+
+@pytest.mark.parametrize(("code", "counted"), [
+    (1000, "1000"), (4401, "4401"), (3000, "other"), (4999, "other"), (None, "none")])
+def test_closes_are_counted_by_code_and_client_chosen_codes_stay_one_label(
+        gw: Gateway, code: int | None, counted: str) -> None:
+    client = gw.connect()
+    client.protocol.onClose(False, code, None)
+    assert gw.factory.connectionsClosed == {counted: 1}
 
 
 def test_refused_request_carries_its_request_id(gw: Gateway) -> None:
