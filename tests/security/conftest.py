@@ -20,7 +20,9 @@ COUNTERS = ("relaybus_handshakes_refused_total", "relaybus_connections_refused_t
             "relaybus_requests_refused_total", "relaybus_requests_rate_limited_total",
             "relaybus_tokens_expired_total", "relaybus_token_refreshes_refused_total",
             "relaybus_slow_clients_closed_total", "relaybus_client_log_entries_dropped_total",
-            "relaybus_requests_accepted_total", "relaybus_requests_ended_total")
+            "relaybus_requests_accepted_total", "relaybus_requests_ended_total",
+            "relaybus_frames_refused_total", "relaybus_connections_closed_total",
+            "relaybus_jwks_refreshes_total")
 
 # nodeid -> {"result": ..., "metrics": Counter of the COUNTERS samples}, in the order run
 _cases: dict[str, dict[str, Any]] = {}
