@@ -102,12 +102,16 @@ async def _call(reactor: Any, args: argparse.Namespace, payload: Any) -> int:
 
 
 def _conformance(args: argparse.Namespace) -> None:
+    from twisted.python import usage
+
     from relaybus.amqp.link import validateBrokerURL
     from relaybus.conformance.kit import SCENARIOS, run
+    from relaybus.options import checkName
 
     try:
         validateBrokerURL(args.broker)
-    except ValueError as e:
+        checkName("--amqp-prefix", args.amqpPrefix)  # as the gateway it starts checks it
+    except (ValueError, usage.UsageError) as e:
         _parser().error(str(e))
     unknown = set(args.skip) - {s.name for s in SCENARIOS}
     if unknown:

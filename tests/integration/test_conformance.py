@@ -9,6 +9,7 @@ session's vhost.
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,11 +29,26 @@ ROW = re.compile(r"^(pass|FAIL|skipped) +(\S+)", re.MULTILINE)
 
 def runKit(broker, prefix: str, *args: str) -> tuple[int, dict[str, str], str]:
     """The kit's exit status, {scenario: result} from its table, and all it printed."""
-    done = subprocess.run([RELAYBUS, "conformance", "--broker", broker.url, "--amqp-prefix",
-                           prefix, *args], capture_output=True, text=True, timeout=KIT_TIMEOUT,
-                          check=False)
-    output = done.stdout + done.stderr
-    return done.returncode, {name: result for result, name in ROW.findall(done.stdout)}, output
+    code, stdout, stderr = runCommand([RELAYBUS, "conformance", "--broker", broker.url,
+                                       "--amqp-prefix", prefix, *args])
+    return code, {name: result for result, name in ROW.findall(stdout)}, stdout + stderr
+
+
+def runCommand(command: list[str]) -> tuple[int, str, str]:
+    """Run it; past KIT_TIMEOUT, SIGTERM it (the kit then stops the gateway it started) and
+    fail."""
+    kit = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = kit.communicate(timeout=KIT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        kit.send_signal(signal.SIGTERM)
+        try:
+            stdout, stderr = kit.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            kit.kill()
+            stdout, stderr = kit.communicate()
+        pytest.fail(f"the kit took over {KIT_TIMEOUT}s:\n{stdout}{stderr}", pytrace=False)
+    return kit.returncode, stdout, stderr
 
 
 def assertAllPass(code: int, rows: dict[str, str], output: str) -> None:
@@ -97,9 +113,9 @@ def test_without_a_worker_the_kit_fails_fast(broker):
 def test_without_a_broker_the_kit_cannot_start(processes):
     from relaybus.harness import freePort
 
-    done = subprocess.run([RELAYBUS, "conformance", "--broker",
-                           f"amqp://guest:s3cret@127.0.0.1:{freePort()}/", "--timeout", "3"],
-                          capture_output=True, text=True, timeout=KIT_TIMEOUT, check=False)
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert "The kit could not start" in done.stdout
-    assert "s3cret" not in done.stdout + done.stderr
+    code, stdout, stderr = runCommand([RELAYBUS, "conformance", "--broker",
+                                       f"amqp://guest:s3cret@127.0.0.1:{freePort()}/",
+                                       "--timeout", "3"])
+    assert code == 2, stdout + stderr
+    assert "The kit could not start" in stdout
+    assert "s3cret" not in stdout + stderr

@@ -299,6 +299,8 @@ def test_slow_refuses_bad_payloads(payload: Any) -> None:
     (["conformance", "--broker", "amqp://h/", "--skip", "nope"], "no scenario nope"),
     (["conformance", "--broker", "amqp://h/", "--timeout", "0"], "--timeout"),
     (["conformance", "--broker", "amqp://h/", "--worker-pid", "-3"], "--worker-pid"),
+    (["conformance", "--broker", "amqp://h/", "--amqp-prefix", "p" * 200], "--amqp-prefix"),
+    (["conformance", "--broker", "amqp://h/", "--amqp-prefix", "a b\n"], "--amqp-prefix"),
 ])
 def test_conformance_usage_errors(argv: list[str], complaint: str,
                                   capsys: pytest.CaptureFixture[str]) -> None:

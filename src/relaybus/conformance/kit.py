@@ -610,8 +610,11 @@ def run(brokerURL: str, prefix: str = "", workerPid: int | None = None,
         timeoutS: float = 10.0, skip: frozenset[str] = frozenset()) -> int:
     """The whole kit: 0 when every scenario passed (or was skipped), 1 when one failed, 2 when
     the kit could not start (no broker, the gateway would not start)."""
+    from relaybus.harness import interruptOnSigterm
+
     _print(f"relaybus conformance: broker {safeURL(brokerURL)}, prefix {prefix!r}"
            + (f", worker pid {workerPid}" if workerPid else ""))
+    interruptOnSigterm()  # SIGTERM and Ctrl-C still stop the kit's gateway on the way out
     reactorThread = ReactorThread()
     try:
         with contextlib.ExitStack() as stack:
@@ -640,5 +643,8 @@ def run(brokerURL: str, prefix: str = "", workerPid: int | None = None,
             results = runScenarios(ctx, skip)
         _print(formatTable(results))
         return 1 if any(r.status == "FAIL" for r in results) else 0
+    except KeyboardInterrupt:
+        _print("Interrupted: the kit's gateway and connections are closed.")
+        return 130
     finally:
         reactorThread.stop()
