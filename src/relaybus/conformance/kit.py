@@ -619,9 +619,12 @@ def run(brokerURL: str, prefix: str = "", workerPid: int | None = None,
     try:
         with contextlib.ExitStack() as stack:
             try:
-                gateway = stack.enter_context(_gateway(brokerURL, prefix, timeoutS))
+                # The broker first: without one, say so at once rather than after the
+                # gateway's start timeout.
                 broker = KitBroker(brokerURL, prefix, timeoutS)
                 stack.callback(broker.close)
+                gateway = stack.enter_context(_gateway(brokerURL, prefix, timeoutS))
+                broker.listen()
                 sockets: list[KitSocket] = []
 
                 def openSocket() -> KitSocket:

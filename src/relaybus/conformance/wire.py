@@ -149,6 +149,11 @@ class KitBroker:
         self.channel = self.connection.channel()
         self.channel.confirm_delivery()
         self.replyQueue = self.topology.replyQueue(self.kitId)
+
+    def listen(self) -> None:
+        """Declare and consume the kit's reply queue. Its binding needs the responses
+        exchange: call this once the kit's gateway has declared it (the kit itself declares
+        nothing of the worker's before the topology scenario has looked at it)."""
         self.channel.queue_declare(self.replyQueue, durable=False, exclusive=False,
                                    auto_delete=False,
                                    arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS})
