@@ -1,7 +1,8 @@
 """The `relaybus` command: `relaybus call REQUESTTYPE [PAYLOAD] [--url ...]`.
 
-Prints one JSON line per chunk and one for the final response or error; exits 0 on a
-response, 1 on an error, 2 on bad usage.
+`call` prints one JSON line per chunk and one for the final response or error; exits 0 on a
+response, 1 on an error, 2 on bad usage. `conformance --broker URL` checks a running worker
+against docs/protocol.md (docs/workers-any-language.md): exits 0 when every scenario passed.
 """
 
 from __future__ import annotations
@@ -34,7 +35,36 @@ def _parser() -> argparse.ArgumentParser:
                       help="seconds to connect to the gateway (default 10)")
     call.add_argument("--token", default=os.environ.get("RELAYBUS_TOKEN"),
                       help="a JWT for a gateway that authenticates (default: $RELAYBUS_TOKEN)")
+    kit = commands.add_parser(
+        "conformance", help="check a running worker (any language) against the AMQP contract",
+        description="Start a gateway against BROKER and check that the worker already "
+                    "consuming there serves conformance.echo, .stream, .fail and .slow as "
+                    "docs/workers-any-language.md defines; print a pass/fail table.")
+    kit.add_argument("--broker", required=True, help="the worker's broker (amqp:// URL)")
+    kit.add_argument("--amqp-prefix", dest="amqpPrefix", default="",
+                     help="the worker's --amqp-prefix (default empty)")
+    kit.add_argument("--worker-pid", dest="workerPid", type=_positiveInt, default=None,
+                     help="the worker's process id: enables the SIGTERM scenario (last; it "
+                          "stops the worker)")
+    kit.add_argument("--timeout", type=_positiveFloat, default=10.0,
+                     help="seconds every single wait may take (default 10)")
+    kit.add_argument("--skip", action="append", default=[], metavar="SCENARIO",
+                     help="leave a scenario out (repeatable)")
     return parser
+
+
+def _positiveInt(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def _positiveFloat(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError("must be a number of seconds in (0, 3600]")
+    return value
 
 
 def _print(line: dict[str, Any]) -> None:
@@ -71,8 +101,30 @@ async def _call(reactor: Any, args: argparse.Namespace, payload: Any) -> int:
     return 0
 
 
+def _conformance(args: argparse.Namespace) -> None:
+    from twisted.python import usage
+
+    from relaybus.amqp.link import validateBrokerURL
+    from relaybus.conformance.kit import SCENARIOS, run
+    from relaybus.options import checkName
+
+    try:
+        validateBrokerURL(args.broker)
+        checkName("--amqp-prefix", args.amqpPrefix)  # as the gateway it starts checks it
+    except (ValueError, usage.UsageError) as e:
+        _parser().error(str(e))
+    unknown = set(args.skip) - {s.name for s in SCENARIOS}
+    if unknown:
+        _parser().error(f"--skip: no scenario {', '.join(sorted(unknown))}; the scenarios: "
+                        f"{', '.join(s.name for s in SCENARIOS)}")
+    raise SystemExit(run(args.broker, args.amqpPrefix, args.workerPid, args.timeout,
+                         frozenset(args.skip)))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.command == "conformance":
+        _conformance(args)
     try:
         payload = json.loads(args.payload)
     except ValueError as e:

@@ -59,7 +59,7 @@ def _resolveHandlers(modules: tuple[str, ...]) -> dict[str, IRequestHandler]:
         raise usage.UsageError(f"--handlers: {e}") from None
 
 
-def _checkName(option: str, value: str) -> None:
+def checkName(option: str, value: str) -> None:
     """Ids and prefixes end up in AMQP queue names (at most 255 bytes, with a requestType)."""
     if len(value) > MAX_NAME_LENGTH or not all(c.isascii() and (c.isalnum() or c in "-_.")
                                               for c in value):
@@ -323,8 +323,8 @@ class GatewayOptions(_EnvironmentOptions):
         self.registry = _resolveHandlers(self.config.inProcessHandlers)
         self.checker = _loadChecker(self.config)
         self.authorizer = _loadAuthorizer(self.config)
-        _checkName("--gateway-id", self.config.gatewayId)
-        _checkName("--amqp-prefix", self.config.amqpPrefix)
+        checkName("--gateway-id", self.config.gatewayId)
+        checkName("--amqp-prefix", self.config.amqpPrefix)
 
 
 class WorkerOptions(_EnvironmentOptions):
@@ -359,4 +359,4 @@ class WorkerOptions(_EnvironmentOptions):
             concurrency=self["concurrency"], amqpPrefix=self["amqp-prefix"],
             drainTimeoutS=self["drain-timeout"])
         self.registry = _resolveHandlers(self.config.handlers)
-        _checkName("--amqp-prefix", self.config.amqpPrefix)
+        checkName("--amqp-prefix", self.config.amqpPrefix)

@@ -15,6 +15,7 @@
 import { setTimeout as sleep } from "node:timers/promises";
 import { parseArgs } from "node:util";
 import amqp from "amqplib";
+import { conformanceHandlers } from "./conformance.js";
 
 // Configuration
 
@@ -118,6 +119,7 @@ function claimsFrom(value) {
 }
 
 const HANDLERS = {
+  ...conformanceHandlers(RequestError), // the conformance kit's four request types
   nodeEcho: {
     idempotent: false,
     async handle(payload, stream) {
