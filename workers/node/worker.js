@@ -26,7 +26,7 @@ const USAGE = `usage: node worker.js [--broker URL] [--amqp-prefix PREFIX] [--co
   --concurrency    prefetch per request type: requests of one type run at once
                    (env RELAYBUS_CONCURRENCY, default 10)
   --drain-timeout  seconds running requests may finish in on SIGTERM/SIGINT before they are
-                   requeued (env RELAYBUS_DRAIN_TIMEOUT, default 10)`;
+                   requeued, counted from the signal (env RELAYBUS_DRAIN_TIMEOUT, default 10)`;
 
 function readConfig(argv, env) {
   let values;
@@ -474,8 +474,7 @@ class Job {
     const ch = this.session.ch;
     return new Promise((resolve, reject) => {
       try {
-        ch.publish(this.worker.name("responses"), this.replyTo,
-          Buffer.from(JSON.stringify(body), "utf8"),
+        ch.publish(this.worker.name("responses"), this.replyTo, encodeJSON(body),
           { correlationId: this.correlationId, type, contentType: "application/json",
             deliveryMode: 1, headers },
           (err) => (err ? reject(err) : resolve()));
@@ -497,6 +496,13 @@ class Job {
     if (this.finished) return;
     this.finished = true;
     this.cleanUp();
+    try {
+      encodeJSON(body);
+    } catch (e) {
+      log(`${this.label}: the handler's result cannot be sent (${e.message}): handler_error`);
+      type = "error";
+      body = { code: "handler_error", message: "the handler's result is not JSON" };
+    }
     try {
       await this.publish(type, body);
     } catch (e) {
@@ -554,6 +560,14 @@ class Job {
     }
     this.worker.jobDone(this);
   }
+}
+
+/** A reply body: JSON (content_type application/json) or a TypeError (a BigInt, a cycle,
+ * undefined or a function, which JSON.stringify leaves out). */
+function encodeJSON(value) {
+  const text = JSON.stringify(value);
+  if (text === undefined) throw new TypeError(`${typeof value} is not JSON`);
+  return Buffer.from(text, "utf8");
 }
 
 /** A header that must be an AMQP integer (amqplib decodes every integer type to a Number);
