@@ -122,6 +122,50 @@ class Broker:
         self.requireCtl()
         return listQueues(vhost or self.vhost)
 
+    def closeConnectionsNamed(self, name: str, reason: str = "test") -> int:
+        """The broker closes this vhost's connections whose connection_name starts with
+        `name` (one client among several: a fault to inject); returns how many it closed."""
+        self.requireCtl()
+        out = rabbitmqctl("list_connections", "--no-table-headers", "pid", "vhost",
+                          "client_properties")
+        pids = [line.split("\t")[0] for line in out.splitlines()
+                if line.count("\t") >= 2 and line.split("\t")[1] == self.vhost
+                and f'{{"connection_name","{name}' in line]
+        for pid in pids:
+            rabbitmqctl("close_connection", pid, reason)
+        return len(pids)
+
+    def unacked(self, queue: str) -> int:
+        """Messages of a queue delivered to a consumer and not yet acked (rabbitmqctl)."""
+        self.requireCtl()
+        out = rabbitmqctl("list_queues", "-p", self.vhost, "name", "messages_unacknowledged",
+                          "--formatter", "json")
+        [count] = [q["messages_unacknowledged"] for q in json.loads(out or "[]")
+                   if q["name"] == queue]
+        return int(count)
+
+    @contextlib.contextmanager
+    def policy(self, queue: str, definition: dict[str, Any]) -> Iterator[None]:
+        """A policy on the one queue `queue` while the block runs; it is in force (the broker
+        says so) when the block starts, and gone again when the block ends."""
+        self.requireCtl()
+        name = f"test-{secrets.token_hex(4)}"
+
+        def applied() -> str:
+            out = rabbitmqctl("list_queues", "-p", self.vhost, "name", "policy",
+                              "--formatter", "json")
+            return next((str(q.get("policy") or "") for q in json.loads(out or "[]")
+                         if q["name"] == queue), "")
+
+        rabbitmqctl("set_policy", "-p", self.vhost, "--apply-to", "queues", name,
+                    f"^{re.escape(queue)}$", json.dumps(definition))
+        try:
+            waitUntil(lambda: applied() == name, f"policy {definition} on {queue}")
+            yield
+        finally:
+            rabbitmqctl("clear_policy", "-p", self.vhost, name)
+            waitUntil(lambda: applied() != name, f"policy {definition} off {queue}")
+
     def messageCount(self, queue: str) -> int:
         """Messages ready in a queue, asked over AMQP (a passive declare): milliseconds, where
         a `rabbitmqctl` call takes a second or more on a busy machine."""

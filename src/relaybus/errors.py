@@ -64,3 +64,12 @@ class RelaybusError(Exception):
         if self.retryAfterMs is not None:
             error["retryAfterMs"] = self.retryAfterMs
         return error
+
+
+class ReplyRefusedError(RelaybusError):
+    """The broker received a worker's reply and refused it (a publisher nack: e.g. the
+    gateway's reply queue is full with overflow reject-publish). Publishing it again would only
+    repeat the refusal, unlike a reply lost with its channel (code unavailable)."""
+
+    def __init__(self, message: str = "the broker refused the reply") -> None:
+        super().__init__(ErrorCode.OVERLOADED, message)

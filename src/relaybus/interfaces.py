@@ -82,7 +82,9 @@ class IWorkerBus(Interface):
         """True when replies can be published right now."""
 
     def publishReply(reply: ReplyMessage) -> Deferred[None]:
-        """Publish a ReplyMessage; returns a Deferred that fires once the bus has taken it."""
+        """Publish a ReplyMessage; returns a Deferred that fires once the bus has taken it,
+        and fails with ReplyRefusedError when the broker refused it (a nack) or with a
+        RelaybusError `unavailable` when it was lost (no connection, channel closed)."""
 
 
 class IRequestStream(Interface):

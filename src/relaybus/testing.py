@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relaybus.config import Limits
-from relaybus.errors import RelaybusError
+from relaybus.errors import RelaybusError, ReplyRefusedError
 from relaybus.frames import ClientFrames
 from relaybus.identity import Principal
 from relaybus.interfaces import (
@@ -129,7 +129,8 @@ class FakeWorkerBus:
     receiver: IRequestReceiver | None = None
     requestTypes: list[str] = attrs.field(factory=list)
     prefetch: int = 0
-    failPublishes: bool = False
+    failPublishes: bool = False  # publishes fail as on a lost channel (unavailable)
+    refusePublishes: bool = False  # ... as on a publisher nack (ReplyRefusedError)
 
     def serve(self, requestTypes: Iterable[str], receiver: IRequestReceiver,
               prefetch: int) -> None:
@@ -147,6 +148,8 @@ class FakeWorkerBus:
     def publishReply(self, reply: ReplyMessage) -> Deferred[None]:
         if self.failPublishes:
             return fail(RelaybusError("unavailable", "fake bus is down"))
+        if self.refusePublishes:
+            return fail(ReplyRefusedError("the fake broker refused the reply"))
         self.replies.append(reply)
         return succeed(None)
 

@@ -11,7 +11,7 @@ import collections
 import enum
 import inspect
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import attrs
@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relaybus.errors import WORKER_ERROR_CODES, ErrorCode, RelaybusError
+from relaybus.errors import WORKER_ERROR_CODES, ErrorCode, RelaybusError, ReplyRefusedError
 from relaybus.interfaces import IRequestHandler, IRequestReceiver, IRequestStream, IWorkerBus
 from relaybus.messages import CancelNotice, Delivery, ReplyKind, ReplyMessage, RequestMessage
 from relaybus.strictjson import decodeJSON, encodeJSON
@@ -73,6 +73,9 @@ class _Stream:
     _request: RequestMessage
     _nextSeq: int = 0
     ended: bool = False
+    # Called (before the handler hears of it) when the broker refuses a chunk: the runtime
+    # then ends the request, so that no later chunk reaches the client past the gap.
+    refused: Callable[[], None] | None = None
 
     def sendChunk(self, data: Any) -> Deferred[None]:
         if self.ended:
@@ -80,7 +83,14 @@ class _Stream:
                       correlationId=self._request.correlationId)
             return succeed(None)
         seq, self._nextSeq = self._nextSeq, self._nextSeq + 1
-        return _publishReply(self._bus, self._request, ReplyKind.CHUNK, encodeJSON(data), seq)
+        published = _publishReply(self._bus, self._request, ReplyKind.CHUNK, encodeJSON(data),
+                                  seq)
+        return published.addErrback(self._chunkFailed)
+
+    def _chunkFailed(self, failure: Failure) -> Failure:
+        if failure.check(ReplyRefusedError) and not self.ended and self.refused is not None:
+            self.refused()
+        return failure
 
 
 @attrs.define(eq=False)
@@ -198,10 +208,13 @@ class WorkerRuntime(Service):
                                  message.deadline, delivery.redelivered, message.principal,
                                  _claims(message.claims))
         running = _Running(delivery, _Stream(self._bus, message))
+        running.stream.refused = lambda: self._chunkRefused(running)
         self._running[message.correlationId] = running
         running.deadlineTimer = self._clock.callLater(
             message.deadline - now, self._deadlinePassed, running)
         running.work = _call(handler, request, running.stream)
+        if running.endReason is not None:  # ended while the handler was being called
+            running.work.cancel()
         running.work.addBoth(self._handlerEnded, running)
 
     def cancelReceived(self, notice: CancelNotice) -> None:
@@ -226,6 +239,12 @@ class WorkerRuntime(Service):
             self._settle(delivery, Settlement.RELEASE)
 
     # Internals
+
+    def _chunkRefused(self, running: _Running) -> None:
+        log.warn("The broker refused a chunk of {correlationId}: ending the request",
+                 correlationId=running.delivery.message.correlationId)
+        self._endWithError(running, ErrorCode.HANDLER_ERROR,
+                           "the broker refused a chunk of this request")
 
     def _deadlinePassed(self, running: _Running) -> None:
         self._endWithError(running, ErrorCode.TIMEOUT, "the request's deadline passed")
@@ -265,7 +284,10 @@ class WorkerRuntime(Service):
 
     def _handlerEnded(self, result: Any, running: _Running) -> None:
         if not self._markEnded(running, "ended"):
-            if isinstance(result, Failure) and not result.check(CancelledError):
+            # A refused chunk the handler did not catch is how it usually ends after
+            # _chunkRefused: nothing to report.
+            if isinstance(result, Failure) and not result.check(CancelledError,
+                                                                ReplyRefusedError):
                 log.failure("Handler failed after it was cancelled", result)
             return
         message = running.delivery.message
@@ -292,7 +314,17 @@ class WorkerRuntime(Service):
             self._settleAfterFinalReply, delivery)
 
     def _settleAfterFinalReply(self, result: Any, delivery: Delivery) -> None:
-        if isinstance(result, Failure):
+        if isinstance(result, Failure) and result.check(ReplyRefusedError):
+            # The broker got the reply and refused it (the gateway's reply queue is full):
+            # redelivering the request would repeat that refusal until the deadline, and
+            # keeping it would hold a prefetch slot until the next reconnect. Let it go; its
+            # client gets timeout from the gateway at its deadline.
+            log.warn("The broker refused the final reply for {correlationId} ({why}): "
+                     "acked the request without an answer; its client gets timeout",
+                     correlationId=delivery.message.correlationId,
+                     why=result.getErrorMessage())
+            self._settle(delivery, Settlement.ACK)
+        elif isinstance(result, Failure):
             # Not acked: the broker redelivers it once we (or another worker) reconnect.
             log.warn("Final reply for {correlationId} not published: {why}",
                      correlationId=delivery.message.correlationId,
@@ -341,6 +373,10 @@ def _call(handler: IRequestHandler, request: HandlerRequest,
 
 def _errorReply(failure: Failure, correlationId: str) -> dict[str, str | int]:
     error = failure.value
+    if isinstance(error, ReplyRefusedError):
+        # Raised by the handler itself: a refused chunk ends its request before the handler
+        # hears of it (_chunkRefused), so this is the rare other way round.
+        return {"code": "handler_error", "message": "the broker refused a chunk of this request"}
     if isinstance(error, RelaybusError) and error.code in WORKER_ERROR_CODES:
         return error.asDict()
     if isinstance(error, CancelledError):

@@ -13,7 +13,9 @@ kit cannot inject (a killed worker, the drain timeout, prefetch-ordered cancel n
 
 from __future__ import annotations
 
+import json
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import pika
 import pytest
 
 from processfixtures import LOG_TIMEOUT
@@ -266,3 +269,131 @@ def test_without_jwt_the_node_worker_sees_nobody(nodeStack, connect):
     requestId = client.request("nodeWhoAmI")
     assert client.collect(requestId).data == {"principal": None, "claims": {}}
     assertQuiet(client, requestId)
+
+
+def test_only_the_workers_connection_closed_is_worker_lost_for_the_client(nodeStack, connect):
+    """docs/protocol.md, step 7: the gateway still has the request open when the reconnected
+    worker gets it back redelivered."""
+    node = nodeStack.startNode()
+    client = connect(nodeStack.stack)
+    requestId = client.request("nodeCount", {"count": 100, "delayMs": 100}, timeoutMs=60_000)
+    client.waitForChunk(requestId)
+    assert node.process is not None
+    broker = nodeStack.stack.broker
+    assert broker.closeConnectionsNamed(f"relaybus-node-worker pid {node.process.pid}") == 1
+    outcome = client.collect(requestId)
+    assert outcome.code == "worker_lost", outcome
+    node.waitUntilReady(count=2)
+    assert re.search(r"Not running nodeCount [0-9a-f]{32} again: it was redelivered", node.log)
+    assert finish(client, client.request("nodeEcho", "after")).data == "after"
+
+
+REJECT_EVERY_PUBLISH = {"max-length": 0, "overflow": "reject-publish"}
+
+
+def test_replies_the_broker_refuses_are_acked_and_the_worker_serves_on(
+        nodeWorkerDir, makeStack, processes, connect, waitUntil):
+    """docs/protocol.md, step 4, as test_worker_faults checks it for the Python runtime: a
+    final reply the broker nacks gets the request acked (its prefetch slot, the only one, is
+    free at once); a nacked chunk ends the request with a handler_error attempt, nacked too."""
+    gatewayId = f"gw-nack-{secrets.token_hex(3)}"
+    stack = makeStack("rabbitmq", ["--gateway-id", gatewayId], workers=0)
+    nodes = NodeStack(stack, processes)
+    try:
+        node = nodes.startNode("--concurrency", "1")
+        broker = stack.broker
+        client = connect(stack)
+        offset = len(node.log)
+        with broker.policy(f"{stack.prefix}replies.{gatewayId}", REJECT_EVERY_PUBLISH):
+            final = client.request("nodeWhoAmI", None, timeoutMs=8000)  # no chunk
+            chunked = client.request("nodeEcho", "refused", timeoutMs=8000)  # a chunk first
+            node.waitForLogSince(offset, r"The broker refused the final response reply of "
+                                 r"nodeWhoAmI [0-9a-f]{32}: acked the request")
+            node.waitForLogSince(offset, r"The broker refused chunk 0 of nodeEcho [0-9a-f]{32}: "
+                                 r"ending the request")
+            node.waitForLogSince(offset, r"The broker refused the final error reply of "
+                                 r"nodeEcho [0-9a-f]{32}: acked the request")
+            for requestType in ("nodeWhoAmI", "nodeEcho"):  # acked: nothing held
+                queue = nodes.queue(requestType)
+                waitUntil(lambda q=queue: broker.unacked(q) == 0, f"nothing unacked in {queue}")
+            for requestId in (final, chunked):
+                outcome = client.collect(requestId)
+                assert outcome.code == "timeout" and not outcome.chunks, outcome
+        # The same worker, one request of each type at a time, serves the next ones.
+        assert client.collect(client.request("nodeWhoAmI")).data == {"principal": None,
+                                                                    "claims": {}}
+        assert client.collect(client.request("nodeEcho", "served")).data == "served"
+        assert "Unhandled" not in node.log
+    finally:
+        for node in nodes.nodes:
+            node.kill()
+
+
+class DirectClient:
+    """Publishes requests straight to a request queue, as no gateway would (odd headers), and
+    reads the replies from a queue of its own bound to the responses exchange."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.prefix = prefix
+        self.connection = pika.BlockingConnection(pika.URLParameters(url))
+        self.channel = self.connection.channel()
+        self.replyTo = f"direct-{secrets.token_hex(4)}"
+        self.queue = self.channel.queue_declare("", exclusive=True).method.queue
+        self.channel.queue_bind(self.queue, f"{prefix}responses", self.replyTo)
+
+    def request(self, requestType: str, body: bytes, headers: dict[str, Any] | None) -> str:
+        correlationId = secrets.token_hex(16)
+        self.channel.basic_publish(f"{self.prefix}requests", requestType, body,
+                                   pika.BasicProperties(correlation_id=correlationId,
+                                                        reply_to=self.replyTo,
+                                                        headers=headers))
+        return correlationId
+
+    def replies(self, correlationId: str, timeout: float = 10.0) -> list[Any]:
+        """(method, properties, body) of each reply up to the final one."""
+        got: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            method, properties, body = self.channel.basic_get(self.queue, auto_ack=True)
+            if method is None:
+                self.connection.sleep(0.05)
+                continue
+            if properties.correlation_id == correlationId:
+                got.append((method, properties, body))
+                if properties.type != "chunk":
+                    return got
+        raise AssertionError(f"no final reply for {correlationId} within {timeout}s: {got}")
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+@pytest.mark.parametrize("headers", [
+    pytest.param(None, id="no-headers"),
+    pytest.param({"relaybus-deadline-ms": "1"}, id="string-deadline"),
+    pytest.param({"relaybus-deadline-ms": True}, id="boolean-deadline"),
+    pytest.param({"relaybus-deadline-ms": None, "relaybus-principal": 5,
+                  "relaybus-claims": b"\xff"}, id="odd-values"),
+])
+def test_a_request_with_odd_headers_is_served_and_acked(nodeStack, waitUntil, headers):
+    """docs/protocol.md: absent headers and a deadline that is not an integer mean "no
+    deadline" (the document's own sketch once threw on a message without headers, holding its
+    prefetch slot forever). The chunk's relaybus-seq arrives as an AMQP integer, and every
+    reply is JSON with content_type application/json."""
+    nodeStack.startNode("--concurrency", "1")
+    direct = DirectClient(nodeStack.stack.broker.url, nodeStack.stack.prefix)
+    try:
+        correlationId = direct.request("nodeEcho", b'{"odd": true}', headers)
+        chunk, final = direct.replies(correlationId)
+        assert (chunk[1].type, chunk[1].headers) == ("chunk", {"relaybus-seq": 0})
+        assert type(chunk[1].headers["relaybus-seq"]) is int  # not a string, nor a float
+        assert json.loads(chunk[2]) == {"received": True}
+        assert (final[1].type, json.loads(final[2])) == ("response", {"odd": True})
+        for _method, properties, body in (chunk, final):
+            assert properties.content_type == "application/json"
+            assert properties.delivery_mode == 1
+            json.loads(body)
+    finally:
+        direct.close()
+    queue, broker = nodeStack.queue("nodeEcho"), nodeStack.stack.broker
+    waitUntil(lambda: broker.unacked(queue) == 0, f"nothing unacked in {queue}")

@@ -1,5 +1,6 @@
-"""Worker faults against the real RabbitMQ: a worker SIGKILLed mid-stream, a worker stopped
-with SIGTERM while it holds requests, and a request queue nobody consumes.
+"""Worker faults against the real RabbitMQ: a worker SIGKILLed mid-stream (with another worker
+and alone), a worker whose connection alone the broker closes, a worker stopped with SIGTERM
+while it holds requests, a request queue nobody consumes, and replies the broker refuses.
 
 Each test counts requests sent and terminal frames received (faultload.Tally: lost and
 duplicated must be 0; `pytest -s` shows the figures), and counts handler runs in the workers'
@@ -12,6 +13,7 @@ This module is also a handler module: the workers load it with --handlers.
 from __future__ import annotations
 
 import re
+import secrets
 import signal
 import time
 from pathlib import Path
@@ -264,3 +266,74 @@ def test_worker_sigterm_finishes_or_hands_back_what_it_holds(handlerPath, makeSt
     assert len(handedBack) == len(longHeld) + len(longIdempotentHeld)
     assert "Server Shut Down." in stopping.log
     assert code == 0, f"the worker exited {code} after SIGTERM"
+
+
+def test_the_only_worker_killed_mid_stream_leaves_the_client_to_its_deadline(
+        handlerPath, makeStack, connect):
+    """docs/protocol.md, step 4: worker_lost needs another worker to take the redelivery."""
+    stack = makeStack("rabbitmq", workerArgs=WORKER_ARGS)
+    client = connect(stack)
+    requestId = client.request("faultStream", {"token": "alone", "count": 100, "delayMs": 100},
+                               timeoutMs=3000)
+    client.waitForChunk(requestId)
+    stack.workers[0].kill()
+    outcome = client.collect(requestId)
+    assert outcome.code == "timeout", outcome
+    assert len(outcome.chunks) < 100
+
+
+def test_only_the_workers_connection_closed_is_worker_lost_for_the_client(
+        handlerPath, isolatedBroker, makeStack, connect):
+    """docs/protocol.md, step 7: the gateway kept its connection, so the request is still open
+    when the reconnected worker gets it back redelivered, and the client gets worker_lost."""
+    stack = makeStack("rabbitmq", broker=isolatedBroker, workerArgs=WORKER_ARGS)
+    worker = stack.workers[0]
+    client = connect(stack)
+    requestId = _stream(client, "faultStream", 100)
+    client.waitForChunk(requestId)
+    mark = stack.mark()
+    assert isolatedBroker.closeConnectionsNamed("relaybus worker", "worker-only fault") == 1
+    outcome = client.collect(requestId)
+    assert outcome.code == "worker_lost", outcome
+    assert _runs(worker, requestId) == 1  # the reconnected worker did not run it again
+    worker.waitUntilReady(count=2)
+    assert "connection lost" not in mark.since(stack.gateway)
+    _assertStreamed(client.finish(_stream(client, "faultStream", 2, delayMs=0)), 2, False)
+    client.assertQuiet(requestId)
+
+
+# A policy that makes the broker refuse (nack) every publish to the queue it applies to.
+REJECT_EVERY_PUBLISH = {"max-length": 0, "overflow": "reject-publish"}
+
+
+def test_replies_the_broker_refuses_are_acked_and_the_worker_serves_on(
+        handlerPath, makeStack, connect, waitUntil):
+    """docs/protocol.md, step 4: a final reply the broker nacks (a full reply queue) gets the
+    request acked, so its prefetch slot (the only one: --concurrency 1) is free at once; a
+    nacked chunk ends the request with a handler_error attempt, nacked too. The clients get
+    timeout from the gateway, and the worker serves the next requests."""
+    gatewayId = f"gw-nack-{secrets.token_hex(3)}"
+    stack = makeStack("rabbitmq", gatewayArgs=("--gateway-id", gatewayId),
+                      workerArgs=("--handlers", Path(__file__).stem, "--concurrency", "1"))
+    worker, broker = stack.workers[0], stack.broker
+    assert broker is not None
+    client = connect(stack)
+    mark = stack.mark()
+    with broker.policy(f"{stack.prefix}replies.{gatewayId}", REJECT_EVERY_PUBLISH):
+        final = client.request("echo", "refused", timeoutMs=8000)
+        chunked = client.request("faultStream", {"token": "refused", "count": 3, "delayMs": 0},
+                                 timeoutMs=8000)
+        stack.waitForHandlerLog(r"The broker refused the final reply for [0-9a-f]{32} "
+                                r"\(.*publisher nack\)\): acked the request", mark, count=2)
+        stack.waitForHandlerLog(r"The broker refused a chunk of [0-9a-f]{32}: ending", mark)
+        for requestType in ("echo", "faultStream"):  # acked: nothing held
+            queue = f"{stack.prefix}requests.{requestType}"
+            waitUntil(lambda q=queue: broker.unacked(q) == 0, f"nothing unacked in {queue}")
+        for requestId in (final, chunked):
+            outcome = client.collect(requestId)
+            assert outcome.code == "timeout" and not outcome.chunks, outcome
+    # The same worker, one request of each type at a time, serves the next ones.
+    assert client.call("echo", "served").data == "served"
+    _assertStreamed(client.finish(_stream(client, "faultStream", 3, delayMs=0)), 3, False)
+    assert _runs(worker, "refused") == 1
+    assert "Traceback" not in mark.since(worker)

@@ -38,7 +38,7 @@ from relaybus.amqp.link import (
 )
 from relaybus.amqp.topology import Topology
 from relaybus.amqp.workerbus import AmqpWorkerBus
-from relaybus.errors import RelaybusError
+from relaybus.errors import RelaybusError, ReplyRefusedError
 from relaybus.messages import CancelNotice, ReplyKind, ReplyMessage, RequestMessage
 from relaybus.testing import (
     FakeAmqpConnection,
@@ -452,7 +452,8 @@ def test_request_arrived_with_minimal_properties(wk: Worker) -> None:
     assert delivery.redelivered is False
 
 
-@pytest.mark.parametrize("deadline", ["1764000002500", 1.5e12, None])
+@pytest.mark.parametrize("deadline", ["1764000002500", b"1764000002500", 1.5e12, None, True,
+                                      False])
 def test_deadline_header_that_is_not_an_integer_means_no_deadline(wk: Worker,
                                                                   deadline: Any) -> None:
     wk.arrive(requestProperties(headers={"relaybus-deadline-ms": deadline,
@@ -531,10 +532,24 @@ def test_publish_reply_follows_the_contract(wk: Worker, kind: ReplyKind,
     assert successResultOf(d) is None
 
 
-def test_publish_reply_failure_is_unavailable(wk: Worker) -> None:
+def test_publish_reply_nacked_is_refused_not_unavailable(wk: Worker) -> None:
+    """The runtime acks a request whose final reply the broker refused (docs/protocol.md,
+    step 4), and leaves one whose reply was lost with its channel to the broker."""
     d = wk.bus.publishReply(ReplyMessage("c-1", "gw-7", ReplyKind.RESPONSE, b"1"))
     wk.publishing.published[0].confirm.errback(NackError([]))
-    assert errorCode(d) == "unavailable"
+    failure = failureResultOf(d, ReplyRefusedError)
+    assert failure.value.code == "overloaded"
+
+
+@pytest.mark.parametrize("error", [ConnectionDone("gone"), ChannelClosedByBroker(406, "nope"),
+                                   RuntimeError("weird")],
+                         ids=["connection-done", "channel-closed", "runtime-error"])
+def test_publish_reply_failure_is_unavailable(wk: Worker, error: Exception) -> None:
+    d = wk.bus.publishReply(ReplyMessage("c-1", "gw-7", ReplyKind.RESPONSE, b"1"))
+    wk.publishing.published[0].confirm.errback(Failure(error))
+    failure = failureResultOf(d, RelaybusError)
+    assert not failure.check(ReplyRefusedError)
+    assert failure.value.code == "unavailable"
 
 
 def test_publish_reply_when_not_connected_is_unavailable(wk: Worker) -> None:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
 import pytest
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from unitsupport import assertNoResult, failureResultOf, requestMessage, successResultOf
 from zope.interface import implementer
 
 from relaybus import worker as workerModule
-from relaybus.errors import WORKER_ERROR_CODES, ErrorCode, RelaybusError
+from relaybus.errors import WORKER_ERROR_CODES, ErrorCode, RelaybusError, ReplyRefusedError
 from relaybus.interfaces import IRequestHandler, IRequestStream
 from relaybus.messages import CancelNotice, Delivery, ReplyKind, ReplyMessage
 from relaybus.strictjson import decodeJSON
@@ -49,6 +52,50 @@ class HeldRepliesBus(FakeWorkerBus):
         d: Deferred[None] = Deferred()
         self.held.append(d)
         return d
+
+
+class RefusingBus(FakeWorkerBus):
+    """The broker nacks the replies of the kinds in `refuse` (as a full reply queue with
+    overflow reject-publish does); others are published."""
+
+    def __init__(self, *refuse: ReplyKind, later: bool = False) -> None:
+        super().__init__()
+        self.refuse = set(refuse)
+        self.refused: list[ReplyMessage] = []
+        self.later = later  # the nack comes when the test calls nackAll(), not at once
+        self.held: list[Deferred[None]] = []
+
+    def publishReply(self, reply: ReplyMessage) -> Deferred[None]:
+        if reply.kind not in self.refuse:
+            return super().publishReply(reply)
+        self.refused.append(reply)
+        if not self.later:
+            return fail(ReplyRefusedError("the fake broker refused the reply"))
+        d: Deferred[None] = Deferred()
+        self.held.append(d)
+        return d
+
+    def nackAll(self) -> None:
+        held, self.held = self.held, []
+        for d in held:
+            d.errback(ReplyRefusedError("the fake broker refused the reply"))
+
+
+@contextlib.contextmanager
+def loggedLines() -> Iterator[list[str]]:
+    """The worker runtime's log lines (with a marker for those that carry a failure)."""
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "relaybus.worker":
+            lines.append(("FAILURE " if "log_failure" in event else "")
+                         + (formatEvent(event) or ""))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield lines
+    finally:
+        globalLogPublisher.removeObserver(observe)
 
 
 class Worker:
@@ -531,6 +578,112 @@ def test_refusal_not_published_means_not_acked(w: Worker, scenario: str) -> None
             w.clock.advance(1)
     assert w.bus.replies == [] and w.settled() is None
     w.assertIdle()
+
+
+@pytest.mark.parametrize("scenario", ["response", "bad-payload", "worker-lost", "cancelled",
+                                      "timeout"])
+def test_final_reply_the_broker_refuses_is_acked(scenario: str) -> None:
+    """A nack means the broker got the reply and refused it (the gateway's reply queue is
+    full): redelivering the request would repeat that until its deadline, and holding it
+    would keep a prefetch slot until the next reconnect. Acked; the client gets timeout."""
+    w = Worker(bus=RefusingBus(ReplyKind.RESPONSE, ReplyKind.ERROR))
+    with loggedLines() as lines:
+        if scenario == "bad-payload":
+            w.deliver(body=b"{")
+        elif scenario == "worker-lost":
+            w.deliver(redelivered=True)
+        else:
+            w.deliver(timeoutS=1)
+            if scenario == "response":
+                w.handler.calls[0][2].callback("result")
+            elif scenario == "cancelled":
+                w.cancel()
+            else:
+                w.clock.advance(1)
+    assert len(w.bus.refused) == 1 and w.bus.replies == []
+    assert w.settled() == "ack"
+    assert [line for line in lines if "refused the final reply for c-1" in line
+            and "acked the request" in line]
+    w.assertIdle()
+    assert successResultOf(w.runtime.stopService()) is None  # nothing left in hand
+
+
+@pytest.mark.parametrize("later", [False, True], ids=["nack-at-once", "nack-later"])
+@pytest.mark.parametrize("how", ["awaits", "catches-and-goes-on", "does-not-wait"])
+def test_a_chunk_the_broker_refuses_ends_the_request_with_handler_error(how: str,
+                                                                       later: bool) -> None:
+    """The runtime ends it at once, so that no later chunk reaches the client past the gap
+    (the gateway would close it up), whatever the handler does with the failure."""
+    sentAfter: list[Any] = []
+    ended: list[str] = []
+
+    @implementer(IRequestHandler)
+    class Streaming:
+        requestType = "streaming"
+        idempotent = False
+
+        async def handle(self, request: HandlerRequest, stream: IRequestStream) -> Any:
+            try:
+                if how == "does-not-wait":
+                    stream.sendChunk(0).addErrback(lambda _: None)
+                    await Deferred()  # runs until the runtime stops it
+                try:
+                    await stream.sendChunk(0)
+                except ReplyRefusedError:
+                    if how == "awaits":
+                        raise
+                sentAfter.append(successResultOf(stream.sendChunk(1)))
+                return "done"
+            except BaseException as e:
+                ended.append(type(e).__name__)
+                raise
+
+    bus = RefusingBus(ReplyKind.CHUNK, later=later)
+    w = Worker(Streaming(), bus=bus)
+    with loggedLines() as lines:
+        w.deliver(requestType="streaming")
+        assert w.runtime.runningCount == (1 if later else 0)
+        bus.nackAll()
+    assert [r.seq for r in bus.refused] == [0]
+    assert w.replies() == [errorReply("handler_error",
+                                      "the broker refused a chunk of this request")]
+    assert w.settled() == "ack"
+    # The handler was stopped or ran to its end; a chunk after the refusal was a no-op.
+    assert sentAfter == ([None] if how == "catches-and-goes-on" else [])
+    assert ended == {"awaits": ["ReplyRefusedError"], "catches-and-goes-on": [],
+                     "does-not-wait": ["CancelledError"]}[how]
+    assert not [line for line in lines if line.startswith("FAILURE")], lines
+    assert [line for line in lines if "refused a chunk of c-1" in line]
+    w.assertIdle()
+
+
+def test_a_refused_chunk_whose_error_reply_is_refused_too_is_acked() -> None:
+    w = Worker(CallableHandler("streaming", lambda request, stream: stream.sendChunk(0)),
+               bus=RefusingBus(ReplyKind.CHUNK, ReplyKind.ERROR))
+    w.deliver(requestType="streaming")
+    assert [str(r.kind) for r in w.bus.refused] == ["chunk", "error"]
+    assert w.settled() == "ack"
+    w.assertIdle()
+
+
+def test_a_chunk_lost_with_the_channel_does_not_end_the_request(w: Worker) -> None:
+    """Unlike a refusal: the connection is going, and busInterrupted stops the work."""
+    w.deliver()
+    [(_request, stream, _d)] = w.handler.calls
+    w.bus.failPublishes = True
+    failureResultOf(stream.sendChunk("x"), RelaybusError)
+    assert w.runtime.runningCount == 1 and w.bus.replies == []
+
+
+def test_a_handler_raising_reply_refused_itself_is_handler_error() -> None:
+    def handle(request: Any, stream: Any) -> Any:
+        raise ReplyRefusedError()
+
+    w = Worker(CallableHandler("odd", handle))
+    w.deliver(requestType="odd")
+    assert w.replies() == [errorReply("handler_error",
+                                      "the broker refused a chunk of this request")]
+    assert w.settled() == "ack"
 
 
 def test_bus_interrupted_cancels_running_handlers_without_replies_or_settling(

@@ -27,7 +27,7 @@ const USAGE = `usage: node worker.js [--broker URL] [--amqp-prefix PREFIX] [--co
   --concurrency    prefetch per request type: requests of one type run at once
                    (env RELAYBUS_CONCURRENCY, default 10)
   --drain-timeout  seconds running requests may finish in on SIGTERM/SIGINT before they are
-                   requeued (env RELAYBUS_DRAIN_TIMEOUT, default 10)`;
+                   requeued, counted from the signal (env RELAYBUS_DRAIN_TIMEOUT, default 10)`;
 
 function readConfig(argv, env) {
   let values;
@@ -288,7 +288,7 @@ class Worker {
       job.ackWithoutReply();
       return;
     }
-    const deadline = toNumber(headers["relaybus-deadline-ms"]);
+    const deadline = integerHeader(headers["relaybus-deadline-ms"]);
     if (deadline !== null && deadline <= Date.now()) {
       // The client already got `timeout`.
       log(`Skipped ${requestType} ${correlationId}: its deadline passed in the queue`);
@@ -365,22 +365,32 @@ class Worker {
     this.shuttingDown = true;
     log(`${signal}: shutting down`);
     if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
+    // The drain timeout runs from the signal, as in the Python runtime: it bounds the wait for
+    // cancel-ok too (a broker that does not answer), not only the running requests.
+    const timer = new AbortController();
+    const timeout = sleep(this.config.drainTimeoutMs, "timeout", { signal: timer.signal })
+      .catch(() => "cleared");
     const session = this.session;
-    if (session && !session.closed) {
-      await this.stopConsuming(session);
-      log("Stopped consuming requests");
-    }
-    if (this.running.size > 0) {
-      log(`Waiting up to ${this.config.drainTimeoutMs / 1000} s for ` +
-          `${this.running.size} running request(s)`);
-      const idle = new Promise((resolve) => this.idleWaiters.push(resolve));
-      const timer = sleep(this.config.drainTimeoutMs, "timeout");
-      if ((await Promise.race([idle, timer])) === "timeout") {
-        for (const job of [...this.running.values()]) {
-          job.abandon("the drain timeout passed while shutting down", { requeue: true });
-        }
+    const drained = (async () => {
+      if (session && !session.closed) {
+        // amqplib keeps delivering until cancel-ok: those requests are run, not requeued
+        // (requeued, they would come back redelivered and be answered worker_lost).
+        await this.stopConsuming(session);
+        log("Stopped consuming requests");
+      }
+      if (this.running.size > 0) {
+        log(`Waiting up to ${this.config.drainTimeoutMs / 1000} s (from the signal) for ` +
+            `${this.running.size} running request(s)`);
+        await new Promise((resolve) => this.idleWaiters.push(resolve));
+      }
+      return "drained";
+    })();
+    if ((await Promise.race([drained, timeout])) === "timeout") {
+      for (const job of [...this.running.values()]) {
+        job.abandon("the drain timeout passed while shutting down", { requeue: true });
       }
     }
+    timer.abort();
     if (session && !session.closed) {
       session.closing = true;
       try {
@@ -448,16 +458,25 @@ class Job {
 
   async sendChunk(data) {
     if (this.finished) throw this.controller.signal.reason ?? new Error("request stopped");
-    const seq = this.nextSeq++;
-    await this.publish("chunk", data, { "relaybus-seq": seq });
+    const seq = this.nextSeq++; // a JS integer: amqplib sends it as an AMQP integer
+    try {
+      await this.publish("chunk", data, { "relaybus-seq": seq });
+    } catch (e) {
+      if (isNack(e) && !this.finished) {
+        // End the request now, whatever the handler does with the error: a later chunk
+        // would reach the client past the gap.
+        log(`The broker refused chunk ${seq} of ${this.label}: ending the request`);
+        this.stop("handler_error", "the broker refused a chunk of this request");
+      }
+      throw e;
+    }
   }
 
   publish(type, body, headers) {
     const ch = this.session.ch;
     return new Promise((resolve, reject) => {
       try {
-        ch.publish(this.worker.name("responses"), this.replyTo,
-          Buffer.from(JSON.stringify(body), "utf8"),
+        ch.publish(this.worker.name("responses"), this.replyTo, encodeJSON(body),
           { correlationId: this.correlationId, type, contentType: "application/json",
             deliveryMode: 1, headers },
           (err) => (err ? reject(err) : resolve()));
@@ -480,19 +499,27 @@ class Job {
     this.finished = true;
     this.cleanUp();
     try {
+      encodeJSON(body);
+    } catch (e) {
+      log(`${this.label}: the handler's result cannot be sent (${e.message}): handler_error`);
+      type = "error";
+      body = { code: "handler_error", message: "the handler's result is not JSON" };
+    }
+    try {
       await this.publish(type, body);
     } catch (e) {
-      if (this.session.closed) {
-        // The connection went: nothing can be acked; the broker requeues the request.
+      if (!isNack(e)) {
+        // The channel or connection went (it is closed, and the connection with it): nothing
+        // can be acked; the broker requeues the request itself (redelivered: worker_lost).
+        log(`The ${type} reply of ${this.label} was not published (${e.message}); ` +
+            "leaving the request to the broker");
         this.worker.jobDone(this);
         return;
       }
-      // The broker refused the reply (a publisher nack). Requeue once, so that the next worker
-      // answers worker_lost instead of leaving the client to its deadline.
-      log(`The broker did not take the ${type} reply of ${this.label} (${e.message}); ` +
-          `${this.msg.fields.redelivered ? "dropping" : "requeueing"} the request`);
-      this.settle((ch) => ch.nack(this.msg, false, !this.msg.fields.redelivered));
-      return;
+      // The broker got the reply and refused it (a publisher nack: the gateway's reply queue
+      // is full). Redelivering the request would repeat that until its deadline: let it go.
+      log(`The broker refused the final ${type} reply of ${this.label}: acked the request ` +
+          "without an answer; its client gets timeout");
     }
     this.settle((ch) => ch.ack(this.msg));
   }
@@ -537,11 +564,24 @@ class Job {
   }
 }
 
-function toNumber(value) {
-  if (typeof value === "number" && Number.isFinite(value)) return value;
-  if (typeof value === "bigint") return Number(value);
-  if (typeof value === "string" && /^\d+$/.test(value)) return Number(value);
-  return null;
+/** A reply body: JSON (content_type application/json) or a TypeError (a BigInt, a cycle,
+ * undefined or a function, which JSON.stringify leaves out). */
+function encodeJSON(value) {
+  const text = JSON.stringify(value);
+  if (text === undefined) throw new TypeError(`${typeof value} is not JSON`);
+  return Buffer.from(text, "utf8");
+}
+
+/** A header that must be an AMQP integer (amqplib decodes every integer type to a Number);
+ * a string, float, boolean, void or absent value counts as not set. */
+function integerHeader(value) {
+  return Number.isInteger(value) ? value : null;
+}
+
+/** amqplib's error for a publisher nack (the broker got the message and refused it), as
+ * opposed to "channel closed" or a throw from publish on a closed channel. */
+function isNack(error) {
+  return error instanceof Error && error.message === "message nacked";
 }
 
 // Main

@@ -60,7 +60,8 @@ def requestFromAmqp(routingKey: str, properties: pika.BasicProperties,
         correlationId=properties.correlation_id,
         requestType=routingKey,  # the queue is bound by it: always right
         replyTo=properties.reply_to, body=body,
-        deadline=deadlineMs / 1000 if isinstance(deadlineMs, int) else float("inf"),
+        deadline=(deadlineMs / 1000 if isinstance(deadlineMs, int)
+                  and not isinstance(deadlineMs, bool) else float("inf")),
         gatewayId=str(headers.get(HEADER_GATEWAY_ID) or ""),
         principal=principal if isinstance(principal, str) else None,
         claims=claims.encode("utf-8") if isinstance(claims, str) else None)

@@ -11,6 +11,7 @@ from pika.adapters.twisted_connection import (
     TwistedChannel,
     TwistedProtocolConnection,
 )
+from pika.exceptions import NackError
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
@@ -22,6 +23,7 @@ from zope.interface import implementer
 from relaybus.amqp import codec
 from relaybus.amqp.link import BrokerLink, consumeForever, detached, notReachable, unavailable
 from relaybus.amqp.topology import Topology
+from relaybus.errors import ReplyRefusedError
 from relaybus.interfaces import IRequestReceiver, IWorkerBus
 from relaybus.messages import Delivery, ReplyMessage
 
@@ -152,4 +154,12 @@ class AmqpWorkerBus(MultiService):
         published = channel.basic_publish(exchange=self._topology.responsesExchange,
                                           routing_key=reply.replyTo, body=reply.body,
                                           properties=codec.replyProperties(reply))
-        return detached(published).addCallbacks(lambda _: None, unavailable)
+        return detached(published).addCallbacks(lambda _: None, _refusedOrUnavailable)
+
+
+def _refusedOrUnavailable(failure: Failure) -> Failure:
+    """A nack (the broker got the reply and refused it) is not a lost channel: the runtime
+    settles the two differently (docs/protocol.md, "What a worker must do", step 4)."""
+    if failure.check(NackError):
+        return Failure(ReplyRefusedError("the broker refused the reply (publisher nack)"))
+    return unavailable(failure)
