@@ -270,8 +270,9 @@ def test_worker_sigterm_finishes_or_hands_back_what_it_holds(handlerPath, makeSt
 
 def test_the_only_worker_killed_mid_stream_leaves_the_client_to_its_deadline(
         handlerPath, makeStack, connect):
-    """docs/protocol.md, step 4: worker_lost needs another worker to take the redelivery."""
-    stack = makeStack("rabbitmq", workerArgs=WORKER_ARGS)
+    """docs/protocol.md, step 4: with the gateway's absent-worker watch off, worker_lost needs
+    another worker to take the redelivery; nobody does, so the deadline ends it."""
+    stack = makeStack("rabbitmq", ["--worker-absent-grace", "0"], workerArgs=WORKER_ARGS)
     client = connect(stack)
     requestId = client.request("faultStream", {"token": "alone", "count": 100, "delayMs": 100},
                                timeoutMs=3000)
