@@ -29,6 +29,11 @@ export const CLIENT_DEFAULTS = Object.freeze({
   connectTimeoutMs: 10_000,
   refreshAheadMs: 60_000,
   unauthorizedAfter: 2,
+  // ... and over at least this long: a network blip of a second is not the gateway's 401.
+  unauthorizedAfterMs: 5_000,
+  // A token given up as refused (not one that expired) is tried once more after this long:
+  // a page opened during an outage must not stay `unauthorized` for good.
+  refusedRetryMs: 60_000,
 });
 
 /** The subprotocol the gateway echoes; offered beside the bearer entry. */
@@ -172,6 +177,12 @@ export class RelaybusClient extends EventTarget {
     if (!(Number.isInteger(this.options.unauthorizedAfter) && this.options.unauthorizedAfter > 0)) {
       throw new TypeError("unauthorizedAfter must be a positive integer");
     }
+    for (const name of ["unauthorizedAfterMs", "refusedRetryMs"]) {
+      const value = this.options[name];
+      if (!(Number.isFinite(value) && value >= 0)) {
+        throw new TypeError(`${name} must be a number of milliseconds >= 0`);
+      }
+    }
     checkTokenSource(options.token);
     this._url = url;
     this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
@@ -245,8 +256,10 @@ export class RelaybusClient extends EventTarget {
       clearTimeout(this._reconnectTimer);
       this._reconnectTimer = null;
       this._closing = false;
-      this._failures = 0;
-      this._previousDelayMs = this.options.initialDelayMs;
+      if (this.state === State.CLOSED) { // from `unauthorized` the backoff goes on: no storm
+        this._failures = 0;
+        this._previousDelayMs = this.options.initialDelayMs;
+      }
       this._refused = [];
       this._suspect = null;
       this._connect();
@@ -264,7 +277,9 @@ export class RelaybusClient extends EventTarget {
    */
   setToken(token) {
     checkTokenSource(token);
+    const same = (token ?? null) === this._tokenSource;
     this._tokenSource = token ?? null;
+    if (same && this.state === State.UNAUTHORIZED) return; // the same refused token: no storm
     this._refused = [];
     this._suspect = null;
     this._refreshRefused = null;
@@ -349,13 +364,20 @@ export class RelaybusClient extends EventTarget {
    */
   _verdict(token) {
     const refused = this._refused.find((entry) => entry.token === token);
-    if (refused !== undefined) return refused.reason;
-    return null;
+    if (refused === undefined) return null;
+    if (refused.reason === "refused" && Date.now() - refused.at >= this.options.refusedRetryMs) {
+      this._refused = this._refused.filter((entry) => entry !== refused);
+      // Worth one more try (the refusals may have been an outage); one more failure gives it
+      // up again.
+      this._suspect = { token, failures: this.options.unauthorizedAfter - 1, since: -Infinity };
+      return null;
+    }
+    return refused.reason;
   }
 
   _remember(token, reason) {
     this._refused = this._refused.filter((entry) => entry.token !== token);
-    this._refused.push({ token, reason });
+    this._refused.push({ token, reason, at: Date.now() });
     if (this._refused.length > REFUSED_TOKENS_KEPT) this._refused.shift();
   }
 
@@ -529,9 +551,13 @@ export class RelaybusClient extends EventTarget {
       // Refused at the handshake, or never reached the gateway: browsers do not say which.
       this._forceRefresh = true;
       if (this._isKnownGood(token)) return; // taken before and unexpired: the network, likely
-      const failures = this._suspect?.token === token ? this._suspect.failures + 1 : 1;
-      this._suspect = { token, failures };
-      if (failures >= this.options.unauthorizedAfter) {
+      if (token === null) return; // anonymous: there is no token to give up
+      const same = this._suspect?.token === token;
+      const failures = same ? this._suspect.failures + 1 : 1;
+      const since = same ? this._suspect.since : Date.now();
+      this._suspect = { token, failures, since };
+      if (failures >= this.options.unauthorizedAfter
+          && Date.now() - since >= this.options.unauthorizedAfterMs) {
         this._suspect = null;
         this._remember(token, "refused");
       }
@@ -558,7 +584,15 @@ export class RelaybusClient extends EventTarget {
   _unauthorized(reason, message) {
     const detail = { reason, message };
     if (typeof this._tokenSource !== "function") {
-      this._setState(State.UNAUTHORIZED, detail);
+      const wasUnauthorized = this.state === State.UNAUTHORIZED;
+      if (!wasUnauthorized) this._setState(State.UNAUTHORIZED, detail);
+      if (reason === "refused" && this.state === State.UNAUTHORIZED) {
+        clearTimeout(this._reconnectTimer); // one slow retry of the same string, then again
+        this._reconnectTimer = setTimeout(() => {
+          this._reconnectTimer = null;
+          this._connect();
+        }, this.options.refusedRetryMs);
+      }
       return;
     }
     if (this.state === State.UNAUTHORIZED) { // still the same answer: keep polling quietly

@@ -323,7 +323,8 @@ describe("the unauthorized state", () => {
 
   test("the same token failing at the handshake: `unauthorized`, no reconnect storm, a new token resumes", async () => {
     const token = tokenFunction("bad");
-    const { client, sockets, socket } = authClient(token, { maxDelayMs: 5000 });
+    const { client, sockets, socket } = authClient(token, { maxDelayMs: 5000,
+      unauthorizedAfterMs: 0 }); // the count alone here; the time span is tested below
     const unauthorized = unauthorizedEvents(client);
     await settle();
     socket().drop(1006); // what a browser shows for a 401: no open, 1006
@@ -339,12 +340,12 @@ describe("the unauthorized state", () => {
     assert.equal(sockets.length, 2);
 
     const asked = token.calls.length;
-    for (let i = 0; i < 60; i += 1) {
+    for (let i = 0; i < 11; i += 1) {
       mock.timers.tick(5000);
       await settle();
     }
-    assert.equal(sockets.length, 2, "no socket for the same token, however long");
-    assert.ok(token.calls.length >= asked + 50, "the token function is polled at the backoff cadence");
+    assert.equal(sockets.length, 2, "no socket for the same token within refusedRetryMs");
+    assert.ok(token.calls.length >= asked + 9, "the token function is polled at the backoff cadence");
     assert.ok(token.calls.slice(asked).every((c) => c.forceRefresh && c.reason === "unauthorized"));
     assert.equal(unauthorized.length, 1, "polling does not repeat the event");
 
@@ -358,7 +359,7 @@ describe("the unauthorized state", () => {
     client.close();
   });
 
-  test("a string token failing at the handshake stops until connect()", () => {
+  test("a string token failing at the handshake stops, retried once a minute or on connect()", () => {
     const { client, sockets, socket } = authClient("bad", { unauthorizedAfter: 3 });
     for (let i = 0; i < 3; i += 1) {
       socket().drop(1006);
@@ -366,11 +367,61 @@ describe("the unauthorized state", () => {
     }
     assert.equal(client.state, State.UNAUTHORIZED);
     assert.equal(sockets.length, 3);
-    mock.timers.tick(600_000);
-    assert.equal(sockets.length, 3);
-    client.connect();
+    mock.timers.tick(59_000);
+    assert.equal(sockets.length, 3, "no storm: nothing within the minute");
+    mock.timers.tick(1_000);
+    assert.equal(sockets.length, 4, "one slow retry: the refusals may have been an outage");
+    socket().drop(1006); // refused again at once: given up for another minute
+    mock.timers.tick(10_000);
+    assert.equal(client.state, State.UNAUTHORIZED);
     assert.equal(sockets.length, 4);
+    client.connect();
+    assert.equal(sockets.length, 5);
     assert.equal(client.state, State.CONNECTING);
+    client.close();
+  });
+
+  test("a blip before the first hello is no refusal: the failures must span unauthorizedAfterMs", () => {
+    const { client, sockets, socket } = authClient("good");
+    socket().drop(1006);
+    mock.timers.tick(1);
+    mock.timers.tick(250);
+    socket().drop(1006); // twice within a second: the network, not the gateway
+    mock.timers.tick(1_000);
+    assert.notEqual(client.state, State.UNAUTHORIZED);
+    assert.equal(sockets.length, 3);
+    helloAs(socket());
+    assert.equal(client.state, State.OPEN);
+    client.close();
+  });
+
+  test("anonymous attempts (a function returning null) are never given up", async () => {
+    const token = tokenFunction(null);
+    const { client, sockets, socket } = authClient(token, { unauthorizedAfterMs: 0 });
+    for (let i = 0; i < 5; i += 1) {
+      await settle();
+      socket().drop(1006);
+      mock.timers.tick(10_000);
+    }
+    await settle();
+    assert.notEqual(client.state, State.UNAUTHORIZED);
+    assert.equal(sockets.length, 6);
+    client.close();
+  });
+
+  test("setToken() with the same refused token does not start a handshake storm", () => {
+    const { client, sockets, socket } = authClient("bad", { unauthorizedAfterMs: 0 });
+    socket().drop(1006);
+    mock.timers.tick(10_000);
+    socket().drop(1006);
+    mock.timers.tick(10_000);
+    assert.equal(client.state, State.UNAUTHORIZED);
+    const before = sockets.length;
+    for (let i = 0; i < 20; i += 1) client.setToken("bad");
+    mock.timers.tick(1_000);
+    assert.equal(sockets.length, before);
+    client.setToken("new");
+    assert.equal(sockets.length, before + 1);
     client.close();
   });
 
@@ -402,7 +453,7 @@ describe("the unauthorized state", () => {
   });
 
   test("requests waiting fail with `unauthorized`; new ones fail at once", async () => {
-    const { client, socket } = authClient("bad", { unauthorizedAfter: 1 });
+    const { client, socket } = authClient("bad", { unauthorizedAfter: 1, unauthorizedAfterMs: 0 });
     const waiting = makeBackendRequest(client, "echo", 1);
     socket().drop(1006);
     mock.timers.tick(250);
