@@ -100,7 +100,8 @@ def test_a_refused_token_stops_the_reconnect_loop_until_a_new_one(secured, tab):
     bad, _ = mint(key=b"not-the-gateway-secret-0123456789abcdef")
     tab.openHarness(secured.gateway)
     tab.evaluate("token => { harness.token = token; }", bad)
-    tab.evaluate("options => harness.connectWithToken(options)", {**BACKOFF, "unauthorizedAfterMs": 0})
+    tab.evaluate("options => harness.connectWithToken(options)",
+                 {**BACKOFF, "unauthorizedAfterMs": 0})
     tab.waitFor("() => harness.client.state === 'unauthorized'",
                 "the client to give up the refused token")
     [entered] = tab.evaluate("() => harness.unauthorized")
