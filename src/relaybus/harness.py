@@ -59,9 +59,10 @@ class ServiceProcess:
     """One `twistd --nodaemon <plugin> ...` process with its log in a file."""
 
     def __init__(self, plugin: str, args: list[str], env: dict[str, str] | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, reactor: str | None = None) -> None:
         self.plugin = plugin
         self.args = args
+        self.reactor = reactor  # twistd's -r (e.g. "asyncio"); None: twistd's default
         self.name = name or plugin
         self._env = env
         self._logDir = tempfile.mkdtemp(prefix=f"relaybus-{self.name}-")
@@ -73,7 +74,9 @@ class ServiceProcess:
         env.setdefault("PYTHONUNBUFFERED", "1")
         with open(self.logPath, "ab") as log:
             self.process = subprocess.Popen(
-                [*twistdCommand(), "--nodaemon", "--pidfile=", self.plugin, *self.args],
+                [*twistdCommand(), "--nodaemon", "--pidfile=",
+                 *(["--reactor", self.reactor] if self.reactor else []), self.plugin,
+                 *self.args],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self._logDir,
                 start_new_session=True)
         return self
