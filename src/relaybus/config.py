@@ -54,6 +54,7 @@ class GatewayConfig:
     # worker_lost instead of waiting for their deadlines (0: never; RabbitMQ only).
     workerAbsentGraceS: float = 5.0
     workerConcurrency: int = 10  # for handlers run in-process
+    workerThreads: int = 10  # the thread pool of in-process blocking handlers
     # What a client that stops reading may cost: bytes queued for it beyond Twisted's own
     # 64 KiB write buffer before the gateway closes it with 1008.
     maxSendBufferBytes: int = 4 * MiB
@@ -97,3 +98,4 @@ class WorkerConfig:
     concurrency: int = 10
     amqpPrefix: str = ""
     drainTimeoutS: float = 10.0
+    threads: int = 10  # the thread pool of blocking handlers (runsIn = "thread")

@@ -90,8 +90,13 @@ class IWorkerBus(Interface):
 class IRequestStream(Interface):
     """Handed to a request handler: the way to send intermediate chunks."""
 
-    def sendChunk(data: Any) -> Deferred[None]:
-        """Send one JSON-serialisable chunk; returns a Deferred fired once it is published."""
+    def sendChunk(data: Any) -> Any:
+        """Send one JSON-serialisable chunk, in the handler's world (relaybus.handlerworlds).
+
+        On the reactor it returns a Deferred fired once the chunk is published; in an asyncio
+        handler an asyncio Future; in a blocking handler's thread it returns None once the
+        chunk is published (and raises CancelledError once the request has ended).
+        """
 
 
 class IRequestHandler(Interface):
@@ -105,7 +110,11 @@ class IRequestHandler(Interface):
     def handle(request: Any, stream: IRequestStream) -> Any:
         """Serve one HandlerRequest (payload, deadline, ...), streaming chunks to an IRequestStream.
 
-        Serve it: return the final response data, a Deferred of it, or a coroutine.
+        Serve it: return the final response data, a Deferred of it, or a coroutine. Where it
+        runs is the handler's optional `runsIn` attribute (not part of this interface, so
+        existing handlers need none): "twisted" (the default: on the reactor, coroutines
+        awaiting Deferreds), "asyncio" (an `async def` run as an asyncio Task; needs the
+        asyncio reactor), "thread" (a blocking plain `def`, run in the thread pool).
 
         Raise RelaybusError to choose the error code; any other exception becomes
         handler_error. Cancelling the returned Deferred must stop the work.

@@ -14,11 +14,18 @@ from relaybus.amqp.link import validateBrokerURL
 from relaybus.authorization import Authorizer
 from relaybus.config import GatewayConfig, Limits, WorkerConfig, newGatewayId
 from relaybus.handlers import registerHandlers
+from relaybus.handlerworlds import (
+    DEFAULT_THREADS,
+    HandlerWorldError,
+    checkWorlds,
+    installedReactor,
+)
 from relaybus.identity import JWTChecker, JWTSettings, loadChecker
 from relaybus.interfaces import IRequestHandler
 from relaybus.jwks import DEFAULT_REFRESH_S
 
 MAX_NAME_LENGTH = 64
+MAX_THREADS = 256  # each blocking handler thread costs a stack (8 MiB of address space)
 _LIMITS = Limits()
 _GATEWAY = GatewayConfig(gatewayId="defaults")
 
@@ -49,14 +56,33 @@ def _checkBroker(broker: str) -> None:
             raise usage.UsageError(str(e)) from None
 
 
-def _resolveHandlers(modules: tuple[str, ...]) -> dict[str, IRequestHandler]:
-    """Import the handler modules, once per process: a bad --handlers is a usage error."""
+def _resolveHandlers(modules: tuple[str, ...], command: str) -> dict[str, IRequestHandler]:
+    """Import the handler modules, once per process: a bad --handlers, or a handler that
+    cannot run on this process's reactor, is a usage error before anything starts."""
     try:
-        return registerHandlers(*modules)
+        registry = registerHandlers(*modules)
     except ImportError as e:
         raise usage.UsageError(f"--handlers: cannot import {e.name or e}") from None
     except (ValueError, TypeError) as e:
         raise usage.UsageError(f"--handlers: {e}") from None
+    try:
+        checkWorlds(registry, installedReactor(), command)
+    except HandlerWorldError as e:
+        raise usage.UsageError(str(e)) from None
+    return registry
+
+
+def _threadCount(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if not 1 <= number <= MAX_THREADS:
+        raise ValueError(f"must be an integer in 1..{MAX_THREADS}, not {value[:40]!r}")
+    return number
+
+
+_threadCount.coerceDoc = f"An integer in 1..{MAX_THREADS}."  # type: ignore[attr-defined]
 
 
 def checkName(option: str, value: str) -> None:
@@ -211,6 +237,8 @@ class GatewayOptions(_EnvironmentOptions):
          "end with worker_lost (0: wait for their deadlines).", _nonNegativeFloat],
         ["worker-concurrency", None, _GATEWAY.workerConcurrency,
          "Requests in-process handlers run at once, per requestType.", _positiveInt],
+        ["worker-threads", None, DEFAULT_THREADS,
+         "Threads for in-process blocking handlers (runsIn = \"thread\").", _threadCount],
         ["jwt-secret-file", None, None,
          "File with the HMAC secret that signs clients' JWTs (HS256/HS384/HS512)."],
         ["jwt-public-key-file", None, None,
@@ -294,6 +322,7 @@ class GatewayOptions(_EnvironmentOptions):
             drainTimeoutS=self["drain-timeout"],
             workerAbsentGraceS=self["worker-absent-grace"],
             workerConcurrency=self["worker-concurrency"],
+            workerThreads=self["worker-threads"],
             maxSendBufferBytes=self["max-send-buffer"],
             maxConnections=self["max-connections"],
             maxConnectionsPerIp=self["max-connections-per-ip"],
@@ -320,7 +349,7 @@ class GatewayOptions(_EnvironmentOptions):
             raise usage.UsageError("--jwt-cookie needs a JWT key")
         if self["jwks-refresh"] is not None and not self.config.jwt.jwksUrl:
             raise usage.UsageError("--jwks-refresh needs --jwks-url")
-        self.registry = _resolveHandlers(self.config.inProcessHandlers)
+        self.registry = _resolveHandlers(self.config.inProcessHandlers, "relaybus")
         self.checker = _loadChecker(self.config)
         self.authorizer = _loadAuthorizer(self.config)
         checkName("--gateway-id", self.config.gatewayId)
@@ -338,6 +367,9 @@ class WorkerOptions(_EnvironmentOptions):
         ["amqp-prefix", None, "", "Prefix for every exchange and queue name."],
         ["drain-timeout", None, 10.0, "Seconds to let running requests finish on shutdown.",
          _positiveFloat],
+        ["threads", "t", DEFAULT_THREADS,
+         "Threads for blocking handlers (runsIn = \"thread\"), shared by every requestType.",
+         _threadCount],
     ]
 
     def __init__(self) -> None:
@@ -357,6 +389,6 @@ class WorkerOptions(_EnvironmentOptions):
         self.config = WorkerConfig(
             broker=self["broker"], handlers=tuple(self["handlers"]),
             concurrency=self["concurrency"], amqpPrefix=self["amqp-prefix"],
-            drainTimeoutS=self["drain-timeout"])
-        self.registry = _resolveHandlers(self.config.handlers)
+            drainTimeoutS=self["drain-timeout"], threads=self["threads"])
+        self.registry = _resolveHandlers(self.config.handlers, "relaybus-worker")
         checkName("--amqp-prefix", self.config.amqpPrefix)

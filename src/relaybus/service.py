@@ -105,7 +105,7 @@ class GatewayService(MultiService):
             bus = memoryBus
             if handlers:
                 runtime = WorkerRuntime(memoryBus, handlers, reactor, config.workerConcurrency,
-                                        config.drainTimeoutS)
+                                        config.drainTimeoutS, config.workerThreads)
                 runtime.setServiceParent(self)
                 self.workers.append((runtime, None))
         else:
@@ -117,7 +117,7 @@ class GatewayService(MultiService):
                 workerBus = AmqpWorkerBus(config.broker, reactor, topology,
                                           f"relaybus in-process worker {config.gatewayId}")
                 runtime = WorkerRuntime(workerBus, handlers, reactor, config.workerConcurrency,
-                                        config.drainTimeoutS)
+                                        config.drainTimeoutS, config.workerThreads)
                 runtime.setServiceParent(self)
                 workerBus.setServiceParent(self)  # after its runtime, which calls serve()
                 self.workers.append((runtime, workerBus))
@@ -194,7 +194,7 @@ class WorkerService(MultiService):
                                 f"relaybus worker {','.join(handlers)}")
         self.bus = bus
         self.runtime = WorkerRuntime(self.bus, handlers, reactor, config.concurrency,
-                                     config.drainTimeoutS)
+                                     config.drainTimeoutS, config.threads)
         self.runtime.setServiceParent(self)
         IService(self.bus).setServiceParent(self)
 

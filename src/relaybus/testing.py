@@ -1,4 +1,5 @@
-"""Test support: an in-memory fake for every relaybus interface (real processes: relaybus.harness).
+"""Test support: an in-memory fake for every relaybus interface (real processes: relaybus.harness),
+and the testing kit for handler authors (runHandler, at the end; docs/workers.md).
 
 The fakes record what they are asked to do and let a test play the other side by hand; each
 provides its interface fully (tests check that with verifyObject).
@@ -6,8 +7,10 @@ provides its interface fully (tests check that with verifyObject).
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import pika
@@ -16,6 +19,7 @@ import pika.spec
 from pika.adapters.twisted_connection import ClosableDeferredQueue, ReceivedMessage
 from pika.exceptions import ChannelClosedByBroker
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -34,8 +38,8 @@ from relaybus.interfaces import (
     IWorkerBus,
 )
 from relaybus.jwks import JWKSFetchError
-from relaybus.messages import CancelNotice, Delivery, ReplyMessage, RequestMessage
-from relaybus.strictjson import decodeJSON
+from relaybus.messages import CancelNotice, Delivery, ReplyKind, ReplyMessage, RequestMessage
+from relaybus.strictjson import decodeJSON, encodeJSON
 
 # Fakes
 
@@ -420,3 +424,146 @@ class FakeJWKSFetcher:
 
     def fail(self, reason: str = "HTTP status 500") -> None:
         self.pending.pop(0).errback(JWKSFetchError(reason))
+
+
+# The handler testing kit: one request through the real WorkerRuntime, no broker, no sockets.
+
+
+@attrs.frozen
+class HandlerOutcome:
+    """How one request ended, as the gateway would see it."""
+
+    chunks: list[Any]  # every chunk's data, in order
+    result: Any = None  # the final response's data (None after an error)
+    errorCode: str | None = None  # e.g. "bad_request", "handler_error", "cancelled", "timeout"
+    errorMessage: str | None = None
+    # "ack" (answered, or skipped unanswered: its deadline passed or it was cancelled while
+    # queued) or "requeue" (handed back at shutdown, unanswered)
+    settled: str = "ack"
+
+    @property
+    def ok(self) -> bool:
+        return self.errorCode is None and self.settled == "ack"
+
+
+def _inAsyncioTask() -> bool:
+    try:
+        return asyncio.current_task() is not None
+    except RuntimeError:  # no running loop
+        return False
+
+
+class HandlerRun:
+    """One request to one handler, run by the real WorkerRuntime on a FakeWorkerBus: what the
+    handler sees (payload, principal, claims, deadline, redelivered) and what the gateway would
+    get (chunks, then one result or error code) are exactly what production gives.
+
+    `clock` is a twisted Clock by default: the request's deadline passes only when the test
+    says (passDeadline(), or clock.advance()), and blocking handlers run inline. Pass the real
+    reactor (pytest-twisted, trial) for real time and real threads. Asyncio handlers run as
+    Tasks on the running asyncio loop (pytest-asyncio, asyncio.run, or the asyncio reactor).
+    """
+
+    def __init__(self, handler: IRequestHandler, payload: Any = None, *,
+                 clock: Any = None, timeoutS: float = 30.0, redelivered: bool = False,
+                 principal: str | None = None, claims: dict[str, Any] | None = None,
+                 threads: int = 4, drainTimeoutS: float = 10.0) -> None:
+        from relaybus.worker import WorkerRuntime
+
+        self.clock = Clock() if clock is None else clock
+        self.bus = FakeWorkerBus()
+        self.runtime = WorkerRuntime(self.bus, {handler.requestType: handler}, self.clock,
+                                     concurrency=1, drainTimeoutS=drainTimeoutS,
+                                     threads=threads)
+        self.runtime.startService()
+        self.correlationId = f"kit-{next(_runNumbers)}"
+        self.message = RequestMessage(
+            correlationId=self.correlationId, requestType=handler.requestType,
+            replyTo="relaybus-testing", body=encodeJSON(payload),
+            deadline=self.clock.seconds() + timeoutS, gatewayId="relaybus-testing",
+            principal=principal, claims=None if claims is None else encodeJSON(claims))
+        self._settled: str | None = None
+        self._waiters: list[Deferred[HandlerOutcome]] = []
+        self.runtime.requestReceived(Delivery(self.message, redelivered, self._settle))
+
+    @property
+    def chunks(self) -> list[Any]:
+        """The chunks published so far."""
+        return [decodeJSON(r.body) for r in self.bus.repliesFor(self.correlationId)
+                if r.kind is ReplyKind.CHUNK]
+
+    @property
+    def ended(self) -> bool:
+        return self._settled is not None
+
+    @property
+    def outcome(self) -> HandlerOutcome:
+        if self._settled is None:
+            raise AssertionError(f"the request has not ended yet ({len(self.chunks)} chunks "
+                                 "so far): advance the clock or await finished()")
+        finals = [r for r in self.bus.repliesFor(self.correlationId)
+                  if r.kind is not ReplyKind.CHUNK]
+        assert len(finals) <= 1, f"{len(finals)} final replies for one request"
+        if not finals:
+            return HandlerOutcome(self.chunks, settled=self._settled)
+        body = decodeJSON(finals[0].body)
+        if finals[0].kind is ReplyKind.ERROR:
+            return HandlerOutcome(self.chunks, errorCode=body.get("code"),
+                                  errorMessage=body.get("message"), settled=self._settled)
+        return HandlerOutcome(self.chunks, result=body, settled=self._settled)
+
+    def finished(self) -> Any:
+        """Awaitable (or, for trial, returnable) outcome: an asyncio Future inside an asyncio
+        Task, a Deferred anywhere else."""
+        d: Deferred[HandlerOutcome] = Deferred()
+        if self.ended:
+            d.callback(self.outcome)
+        else:
+            self._waiters.append(d)
+        if _inAsyncioTask():
+            return Deferred.asFuture(d, asyncio.get_running_loop())
+        return d
+
+    def handlerDone(self) -> Any:
+        """Awaitable: once the handler's own work has ended, after the runtime stopped it
+        (its `finally` blocks ran). Same kinds as finished()."""
+        d = self.runtime.whenStoppedHandlersEnd()
+        if _inAsyncioTask():
+            return Deferred.asFuture(d, asyncio.get_running_loop())
+        return d
+
+    def cancel(self, reason: str = "client") -> None:
+        """The gateway's cancel notice (the client cancelled or went away)."""
+        self.runtime.cancelReceived(CancelNotice(self.correlationId, self.message.requestType,
+                                                 reason))
+
+    def passDeadline(self) -> None:
+        """Move a Clock to the request's deadline (on the real reactor: wait for it)."""
+        if not isinstance(self.clock, Clock):
+            raise TypeError("passDeadline() needs the default Clock; on a real reactor the "
+                            "deadline passes by itself (timeoutS)")
+        self.clock.advance(max(0.0, self.message.deadline - self.clock.seconds()))
+
+    def shutDown(self) -> Deferred[None]:
+        """The worker's SIGTERM: drain (drainTimeoutS, on the clock), then hand back."""
+        return cast("Deferred[None]", self.runtime.stopService())
+
+    def _settle(self, requeue: bool) -> None:
+        assert self._settled is None, "the request was settled twice"
+        self._settled = "requeue" if requeue else "ack"
+        self._ended()
+
+    def _ended(self) -> None:
+        if self.runtime.running:
+            self.runtime.stopService()  # lets the thread pool go
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(self.outcome)
+
+
+_runNumbers = itertools.count(1)
+
+
+def runHandler(handler: IRequestHandler, payload: Any = None, **options: Any) -> HandlerRun:
+    """Run one request through a handler; see HandlerRun for the options."""
+    return HandlerRun(handler, payload, **options)

@@ -7,22 +7,29 @@ request may have been half-run by a worker that died, so by default it is answer
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import enum
-import inspect
 import traceback
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relaybus.errors import WORKER_ERROR_CODES, ErrorCode, RelaybusError, ReplyRefusedError
+from relaybus.handlerworlds import (
+    ASYNCIO_ON_REACTOR,
+    DEFAULT_THREADS,
+    HandlerCalls,
+    threadsFor,
+    worldOf,
+)
 from relaybus.interfaces import IRequestHandler, IRequestReceiver, IRequestStream, IWorkerBus
 from relaybus.messages import CancelNotice, Delivery, ReplyKind, ReplyMessage, RequestMessage
 from relaybus.strictjson import decodeJSON, encodeJSON
@@ -33,6 +40,11 @@ log = Logger(namespace="relaybus.worker")
 # is still queued: it is then skipped instead of run.
 REMEMBER_CANCELLED_S = 300.0
 REMEMBER_CANCELLED_MAX = 10_000
+# After a drain times out and hands the rest back, how long their stopped handlers get to end
+# (an asyncio Task's `finally` blocks run on the loop after Task.cancel()).
+STOPPED_HANDLERS_GRACE_S = 2.0
+# Either kind of cancellation ends a handler quietly once the runtime has stopped it.
+_CANCELLATIONS = (CancelledError, asyncio.CancelledError)
 
 
 class Settlement(enum.Enum):
@@ -107,10 +119,17 @@ class WorkerRuntime(Service):
     """Runs handlers for the deliveries of one IWorkerBus."""
 
     def __init__(self, bus: IWorkerBus, handlers: dict[str, IRequestHandler],
-                 clock: IReactorTime, concurrency: int = 10, drainTimeoutS: float = 10.0) -> None:
+                 clock: IReactorTime, concurrency: int = 10, drainTimeoutS: float = 10.0,
+                 threads: int = DEFAULT_THREADS) -> None:
         self._bus = bus
         self._handlers = handlers
+        self._worlds = {requestType: worldOf(h) for requestType, h in handlers.items()}
         self._clock = clock
+        # Blocking handlers get `threads` threads on a real reactor; on a Clock they run inline.
+        self._calls = HandlerCalls(threadsFor(clock, threads), clock)
+        # Handlers stopped by the runtime whose work has not ended yet (an asyncio Task still
+        # running its finally blocks): what a drain that timed out waits a little for.
+        self._stopping: set[Deferred[Any]] = set()
         self._concurrency = concurrency
         self._drainTimeoutS = drainTimeoutS
         self._running: dict[str, _Running] = {}
@@ -142,13 +161,21 @@ class WorkerRuntime(Service):
         """
         super().stopService()
         done: Deferred[None] = Deferred()
+        finishing = False
 
         def finish(_: Any = None) -> None:
-            if done.called:
+            nonlocal finishing
+            if finishing:
                 return
+            finishing = True
             self._accepting = False
             if timer.active():
                 timer.cancel()
+            # Handlers stopped on the way (drain timeout, cancels) get a moment to clean up.
+            self.whenStoppedHandlersEnd(STOPPED_HANDLERS_GRACE_S).addCallback(stopped)
+
+        def stopped(_: Any) -> None:
+            self._calls.threads.stop()
             done.callback(None)
 
         def consumersStopped(_: Any) -> None:
@@ -164,6 +191,36 @@ class WorkerRuntime(Service):
         timer = self._clock.callLater(self._drainTimeoutS, drainTimeout)
         maybeDeferred(self._bus.stopServing, self).addBoth(consumersStopped)
         return done
+
+    def whenStoppedHandlersEnd(self, graceS: float | None = None) -> Deferred[None]:
+        """Fires once the work of every handler the runtime stopped (cancel, deadline,
+        shutdown) has ended, or after `graceS` (None: no limit). The request itself was
+        answered when it was stopped; this is for the handler's own cleanup (an asyncio
+        Task's `finally` blocks)."""
+        ended: Deferred[None] = Deferred()
+        pending = list(self._stopping)  # a cancelled Task's Deferred is called but paused
+        if not pending:
+            ended.callback(None)
+            return ended
+        def graceOver() -> None:
+            if not ended.called:
+                ended.callback(None)
+
+        grace = None if graceS is None else self._clock.callLater(graceS, graceOver)
+        remaining = len(pending)
+
+        def oneEnded(result: Any) -> Any:
+            nonlocal remaining
+            remaining -= 1
+            if not remaining and not ended.called:
+                if grace is not None and grace.active():
+                    grace.cancel()
+                ended.callback(None)
+            return result
+
+        for work in pending:
+            work.addBoth(oneEnded)
+        return ended
 
     def _handBackAll(self) -> None:
         for running in list(self._running.values()):
@@ -212,10 +269,11 @@ class WorkerRuntime(Service):
         self._running[message.correlationId] = running
         running.deadlineTimer = self._clock.callLater(
             message.deadline - now, self._deadlinePassed, running)
-        running.work = _call(handler, request, running.stream)
-        if running.endReason is not None:  # ended while the handler was being called
-            running.work.cancel()
+        running.work = self._calls.call(handler, request, running.stream,
+                                        self._worlds[message.requestType])
         running.work.addBoth(self._handlerEnded, running)
+        if running.endReason is not None:  # ended while the handler was being called
+            self._cancelWork(running.work)
 
     def cancelReceived(self, notice: CancelNotice) -> None:
         running = self._running.get(notice.correlationId)
@@ -268,8 +326,16 @@ class WorkerRuntime(Service):
         log.info("Stopped {requestType} {correlationId}: {why}", why=why,
                  requestType=message.requestType, correlationId=message.correlationId)
         if running.work is not None:
-            running.work.cancel()
+            self._cancelWork(running.work)
         return True
+
+    def _cancelWork(self, work: Deferred[Any]) -> None:
+        self._stopping.add(work)
+        work.addBoth(self._stoppedWorkEnded, work)
+        work.cancel()
+
+    def _stoppedWorkEnded(self, result: Any, work: Deferred[Any]) -> None:
+        self._stopping.discard(work)
 
     def _markEnded(self, running: _Running, reason: str) -> bool:
         """End a request's run once (no more chunks, no deadline); False if it already was."""
@@ -286,7 +352,7 @@ class WorkerRuntime(Service):
         if not self._markEnded(running, "ended"):
             # A refused chunk the handler did not catch is how it usually ends after
             # _chunkRefused: nothing to report.
-            if isinstance(result, Failure) and not result.check(CancelledError,
+            if isinstance(result, Failure) and not result.check(*_CANCELLATIONS,
                                                                 ReplyRefusedError):
                 log.failure("Handler failed after it was cancelled", result)
             return
@@ -359,18 +425,6 @@ def _claims(body: bytes | None) -> Mapping[str, Any]:
     return claims if isinstance(claims, dict) else {}
 
 
-def _call(handler: IRequestHandler, request: HandlerRequest,
-          stream: IRequestStream) -> Deferred[Any]:
-    d = maybeDeferred(handler.handle, request, stream)
-
-    def awaitCoroutine(result: Any) -> Any:
-        if inspect.iscoroutine(result):
-            return ensureDeferred(result)
-        return result
-
-    return d.addCallback(awaitCoroutine)
-
-
 def _errorReply(failure: Failure, correlationId: str) -> dict[str, str | int]:
     error = failure.value
     if isinstance(error, ReplyRefusedError):
@@ -379,14 +433,18 @@ def _errorReply(failure: Failure, correlationId: str) -> dict[str, str | int]:
         return {"code": "handler_error", "message": "the broker refused a chunk of this request"}
     if isinstance(error, RelaybusError) and error.code in WORKER_ERROR_CODES:
         return error.asDict()
-    if isinstance(error, CancelledError):
+    if isinstance(error, _CANCELLATIONS):
         return {"code": "cancelled", "message": "the request was cancelled"}
     if isinstance(error, RelaybusError) and error.code == ErrorCode.UNAVAILABLE:
         # A chunk could not be published: the broker went away. Not a handler bug, no traceback.
         log.warn("Request {correlationId} ended: {why}", correlationId=correlationId,
                  why=error.message)
         return {"code": "handler_error", "message": "the worker lost the message broker"}
-    log.error("Handler failed for {correlationId}:\n{tb}", correlationId=correlationId,
-              tb="".join(traceback.format_exception(error)))
+    hint = ""
+    if isinstance(error, RuntimeError) and ASYNCIO_ON_REACTOR in str(error):
+        hint = ("\n(it awaited an asyncio object on the reactor: declare runsIn = \"asyncio\" "
+                "on the handler and run it under `twistd -r asyncio`; docs/workers.md)")
+    log.error("Handler failed for {correlationId}:\n{tb}{hint}", correlationId=correlationId,
+              tb="".join(traceback.format_exception(error)), hint=hint)
     return {"code": "handler_error", "message": "the handler failed; see the worker's log"}
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from unitsupport import requestMessage
-from workers import examples
+from workers import asyncio_examples, blocking_examples, examples
 from zope.interface import Interface
 from zope.interface.verify import verifyClass, verifyObject
 
@@ -18,6 +19,7 @@ from relaybus.amqp.workerbus import AmqpWorkerBus
 from relaybus.config import GatewayConfig, Limits
 from relaybus.correlation import CorrelationTable
 from relaybus.gateway import GatewayFactory, GatewayProtocol
+from relaybus.handlerworlds import AsyncioStream, InlineThreads, ThreadStream
 from relaybus.interfaces import (
     IClientConnection,
     IJWKSFetcher,
@@ -96,6 +98,12 @@ def _cases() -> list[Any]:
         pytest.param(IReplyReceiver, FakeReplyReceiver(), id="FakeReplyReceiver"),
         pytest.param(IRequestReceiver, FakeRequestReceiver(), id="FakeRequestReceiver"),
         pytest.param(IRequestStream, FakeRequestStream(), id="FakeRequestStream"),
+        pytest.param(IRequestStream, AsyncioStream(FakeRequestStream(), asyncio.new_event_loop()),
+                     id="AsyncioStream"),
+        pytest.param(IRequestStream, ThreadStream(FakeRequestStream(), InlineThreads()),
+                     id="ThreadStream"),
+        pytest.param(IRequestHandler, asyncio_examples.asyncTicker, id="AsyncTickerHandler"),
+        pytest.param(IRequestHandler, blocking_examples.slowDigest, id="SlowDigestHandler"),
         pytest.param(IRequestHandler, FakeRequestHandler(), id="FakeRequestHandler"),
         pytest.param(IJWKSFetcher, AgentJWKSFetcher(reactor, "https://idp.example/jwks.json"),
                      id="AgentJWKSFetcher"),
