@@ -434,16 +434,17 @@ class HandlerOutcome:
     """How one request ended, as the gateway would see it."""
 
     chunks: list[Any]  # every chunk's data, in order
-    result: Any = None  # the final response's data (None after an error)
+    # "response", "error", or None: no final reply (skipped because its deadline passed or it
+    # was cancelled while queued, or handed back at shutdown: see `settled`)
+    final: str | None = None
+    result: Any = None  # the final response's data
     errorCode: str | None = None  # e.g. "bad_request", "handler_error", "cancelled", "timeout"
     errorMessage: str | None = None
-    # "ack" (answered, or skipped unanswered: its deadline passed or it was cancelled while
-    # queued) or "requeue" (handed back at shutdown, unanswered)
-    settled: str = "ack"
+    settled: str = "ack"  # what the runtime did with the delivery: "ack" or "requeue"
 
     @property
     def ok(self) -> bool:
-        return self.errorCode is None and self.settled == "ack"
+        return self.final == "response"
 
 
 def _inAsyncioTask() -> bool:
@@ -508,9 +509,9 @@ class HandlerRun:
             return HandlerOutcome(self.chunks, settled=self._settled)
         body = decodeJSON(finals[0].body)
         if finals[0].kind is ReplyKind.ERROR:
-            return HandlerOutcome(self.chunks, errorCode=body.get("code"),
+            return HandlerOutcome(self.chunks, "error", errorCode=body.get("code"),
                                   errorMessage=body.get("message"), settled=self._settled)
-        return HandlerOutcome(self.chunks, result=body, settled=self._settled)
+        return HandlerOutcome(self.chunks, "response", result=body, settled=self._settled)
 
     def finished(self) -> Any:
         """Awaitable (or, for trial, returnable) outcome: an asyncio Future inside an asyncio

@@ -72,7 +72,7 @@ def test_the_default_world_is_twisted() -> None:
 def test_an_unknown_world_names_the_three(value: Any) -> None:
     handler = Handler(plain)
     handler.runsIn = value
-    with pytest.raises(HandlerWorldError, match='use "twisted" .*"asyncio" or "thread"'):
+    with pytest.raises(HandlerWorldError, match=r'use "twisted" .*"asyncio" or "thread"'):
         worldOf(handler)
 
 
