@@ -399,19 +399,23 @@ class Stack:
         assert self.broker is not None and self.prefix is not None
         return ["--broker", self.broker.url, "--amqp-prefix", self.prefix]
 
-    def startGateway(self, *args: str, wait: bool = True) -> GatewayProcess:
+    def startGateway(self, *args: str, wait: bool = True,
+                     reactor: str | None = None) -> GatewayProcess:
         full = [*self._brokerArgs(), *args] if self.rabbitmq else list(args)
-        gateway = self.pool.start(GatewayProcess(full, name=f"gateway{len(self.gateways) + 1}"))
+        gateway = self.pool.start(GatewayProcess(full, name=f"gateway{len(self.gateways) + 1}",
+                                                 reactor=reactor))
         self.gateways.append(gateway)
         if wait:
             gateway.waitUntilReady()
         return gateway
 
-    def startWorker(self, *args: str, wait: bool = True) -> WorkerProcess:
+    def startWorker(self, *args: str, wait: bool = True,
+                    reactor: str | None = None) -> WorkerProcess:
+        """A `twistd [--reactor R] relaybus-worker` serving workers.examples and `args`."""
         assert self.rabbitmq, "memory stacks run their handlers in the gateway"
         worker = self.pool.start(WorkerProcess(
             [*self._brokerArgs(), "--handlers", "workers.examples", *args],
-            name=f"worker{len(self.workers) + 1}"))
+            name=f"worker{len(self.workers) + 1}", reactor=reactor))
         self.workers.append(worker)
         if wait:
             worker.waitUntilReady()
@@ -444,14 +448,14 @@ class Stack:
 
 def _buildStack(provider: str, pool: ProcessPool, broker: Broker | None, prefix: str | None,
                 gatewayArgs: Iterable[str] = (), gateways: int = 1, workers: int = 1,
-                workerArgs: Iterable[str] = ()) -> Stack:
+                workerArgs: Iterable[str] = (), reactor: str | None = None) -> Stack:
     """Start every process first, then wait for them: they boot in parallel."""
     stack = Stack(provider, pool, broker, prefix)
     if stack.rabbitmq:
         for _ in range(workers):
-            stack.startWorker(*workerArgs, wait=False)
+            stack.startWorker(*workerArgs, wait=False, reactor=reactor)
     for _ in range(gateways):
-        stack.startGateway(*gatewayArgs, wait=False)
+        stack.startGateway(*gatewayArgs, wait=False, reactor=reactor)
     for worker in stack.workers:
         worker.waitUntilReady()  # its queues are declared: no no_handler from here on
     for gateway in stack.gateways:
@@ -472,19 +476,20 @@ def provider(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def makeStack(request: pytest.FixtureRequest, processes: ProcessPool) -> Callable[..., Stack]:
-    """makeStack(provider, gatewayArgs=(), gateways=1, workers=1, workerArgs=(), broker=None):
-    fresh processes, stopped at the end of the test."""
+    """makeStack(provider, gatewayArgs=(), gateways=1, workers=1, workerArgs=(), broker=None,
+    reactor=None): fresh processes (twistd --reactor `reactor`), stopped at the end of the
+    test."""
 
     def make(provider: str, gatewayArgs: Iterable[str] = (), gateways: int = 1,
              workers: int = 1, workerArgs: Iterable[str] = (),
-             broker: Broker | None = None) -> Stack:
+             broker: Broker | None = None, reactor: str | None = None) -> Stack:
         if provider == "rabbitmq":
             broker = broker or request.getfixturevalue("broker")
             prefix = broker.newPrefix()
         else:
             broker, prefix = None, None
         return _buildStack(provider, processes, broker, prefix, gatewayArgs, gateways,
-                           workers, workerArgs)
+                           workers, workerArgs, reactor)
 
     return make
 
