@@ -1,16 +1,19 @@
 """End-to-end benchmark: WebSocket client -> gateway -> RabbitMQ -> worker -> back, compared with
-the AMQP-only ceiling (publish -> the same worker -> reply, no gateway and no WebSocket).
+the AMQP-only ceiling (publish -> the same worker -> reply, no gateway and no WebSocket) and with
+bare pika (plain pika RPC to a plain pika worker: no relaybus code on either side).
 
     .venv/bin/python benchmarks/e2e.py [--requests N] [--gateway-url ws://...] [--broker amqp://...]
 
 By default it creates a throwaway RabbitMQ vhost (rabbitmqctl), starts one gateway and one worker
-as real `twistd` processes, runs the cases and removes everything again (also on Ctrl-C or
-failure). It prints figures only: no targets, no pass/fail. See benchmarks/README.md.
+as real `twistd` processes and benchmarks/barepika_worker.py, runs the cases and removes
+everything again (also on Ctrl-C or failure). It prints figures only: no targets, no pass/fail.
+See benchmarks/README.md.
 
-The clients run in this process, separate from the twistd processes:
+The clients run in this process, separate from the other processes:
 - gateway path: the `websockets` library (asyncio client), not relaybus's own client;
 - AMQP-only path: pika's AsyncioConnection (the callback API of SelectConnection, on the same
-  asyncio loop), publishing exactly as the gateway does (relaybus.amqp.codec, docs/protocol.md).
+  asyncio loop), publishing exactly as the gateway does (relaybus.amqp.codec, docs/protocol.md);
+- bare pika path: the same pika client, with plain RPC properties (BarePikaDriver).
 """
 
 from __future__ import annotations
@@ -825,7 +828,8 @@ def printProfile(process: ServiceProcess, top: int = 25) -> None:
 
 def parseArguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="relaybus end-to-end benchmark: gateway path vs the AMQP-only ceiling.")
+        description="relaybus end-to-end benchmark: gateway path vs the AMQP-only ceiling "
+                    "and bare pika.")
     parser.add_argument("--requests", type=int, default=None,
                         help="measured requests for every case (overrides the two below)")
     parser.add_argument("--requests-serial", type=int, default=6000,
@@ -846,7 +850,8 @@ def parseArguments(argv: list[str] | None) -> argparse.Namespace:
                         help="comma-separated subset of: echo, stream")
     parser.add_argument("--gateway-url", default=None,
                         help="drive this existing gateway (ws://HOST:PORT/ws) instead of "
-                             "starting one; the AMQP-only path then runs only with --broker")
+                             "starting one; the AMQP-only and bare pika paths then run only with "
+                             "--broker")
     parser.add_argument("--broker", default=None,
                         help="use this broker URL (amqp://...) instead of a throwaway vhost")
     parser.add_argument("--amqp-prefix", default=DEFAULT_PREFIX,
