@@ -1,16 +1,19 @@
 """End-to-end benchmark: WebSocket client -> gateway -> RabbitMQ -> worker -> back, compared with
-the AMQP-only ceiling (publish -> the same worker -> reply, no gateway and no WebSocket).
+the AMQP-only ceiling (publish -> the same worker -> reply, no gateway and no WebSocket) and with
+bare pika (plain pika RPC to a plain pika worker: no relaybus code on either side).
 
     .venv/bin/python benchmarks/e2e.py [--requests N] [--gateway-url ws://...] [--broker amqp://...]
 
 By default it creates a throwaway RabbitMQ vhost (rabbitmqctl), starts one gateway and one worker
-as real `twistd` processes, runs the cases and removes everything again (also on Ctrl-C or
-failure). It prints figures only: no targets, no pass/fail. See benchmarks/README.md.
+as real `twistd` processes and benchmarks/barepika_worker.py, runs the cases and removes
+everything again (also on Ctrl-C or failure). It prints figures only: no targets, no pass/fail.
+See benchmarks/README.md.
 
-The clients run in this process, separate from the twistd processes:
+The clients run in this process, separate from the other processes:
 - gateway path: the `websockets` library (asyncio client), not relaybus's own client;
 - AMQP-only path: pika's AsyncioConnection (the callback API of SelectConnection, on the same
-  asyncio loop), publishing exactly as the gateway does (relaybus.amqp.codec, docs/protocol.md).
+  asyncio loop), publishing exactly as the gateway does (relaybus.amqp.codec, docs/protocol.md);
+- bare pika path: the same pika client, with plain RPC properties (BarePikaDriver).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import functools
 import json
 import math
 import os
+import pstats
 import resource
 import secrets
 import signal
@@ -29,6 +33,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import pika
@@ -41,6 +46,7 @@ from relaybus.amqp import codec
 from relaybus.amqp.topology import REPLY_QUEUE_EXPIRES_MS, Topology
 from relaybus.harness import (
     GatewayProcess,
+    ServiceProcess,
     WorkerProcess,
     brokerPid,
     commandRun,
@@ -248,11 +254,14 @@ class AmqpDriver:
     relaybus.amqp.codec (as AmqpRequestBus.publishRequest sends them)."""
 
     path = "amqp-only"
+    sequencedChunks = True  # relaybus numbers its chunks (relaybus-seq): check the numbers
 
     def __init__(self, url: str, topology: Topology) -> None:
         self.url = url
         self.topology = topology
         self.replyTo = f"bench-{secrets.token_hex(4)}"
+        self.replyQueue = ""  # where the replies arrive, and
+        self.replyAddress = ""  # the reply_to that routes them there (set by open())
         self.pending: dict[str, _AmqpCall] = {}
         self.anomalies: list[str] = []
         self.unconfirmed: collections.OrderedDict[int, str] = collections.OrderedDict()
@@ -291,26 +300,51 @@ class AmqpDriver:
             parameters, on_open_callback=openedOK,
             on_open_error_callback=openFailed, on_close_callback=closed, custom_ioloop=loop)
         await opened
-        topology = self.topology
         consuming = await self._channel()
-        for name in (topology.requestsExchange, topology.responsesExchange,
-                     topology.cancelsExchange):
-            await _callbackFuture(functools.partial(
-                _declareExchange, consuming, name))
-        queue = topology.replyQueue(self.replyTo)
-        await _callbackFuture(lambda cb: consuming.queue_declare(
-            queue=queue, durable=False, exclusive=False, auto_delete=False,
-            arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS}, callback=cb))
-        await _callbackFuture(lambda cb: consuming.queue_bind(
-            queue=queue, exchange=topology.responsesExchange, routing_key=self.replyTo,
-            callback=cb))
+        self.replyQueue, self.replyAddress = await self._declareReplyQueue(consuming)
         publishing = await self._channel()
         await _callbackFuture(lambda cb: publishing.confirm_delivery(
             ack_nack_callback=self._confirmed, callback=cb))
         publishing.add_on_return_callback(self._returned)
         await _callbackFuture(lambda cb: consuming.basic_consume(
-            queue=queue, on_message_callback=self._replyArrived, auto_ack=True, callback=cb))
+            queue=self.replyQueue, on_message_callback=self._replyArrived, auto_ack=True,
+            callback=cb))
         self._consuming, self._publishing = consuming, publishing
+
+    # What relaybus's wire format decides; BarePikaDriver overrides these four.
+
+    async def _declareReplyQueue(self, channel: Any) -> tuple[str, str]:
+        """The gateway's topology: the three exchanges, and a reply queue bound to the
+        responses exchange by the gateway id (the reply_to)."""
+        topology = self.topology
+        for name in (topology.requestsExchange, topology.responsesExchange,
+                     topology.cancelsExchange):
+            await _callbackFuture(functools.partial(_declareExchange, channel, name))
+        queue = topology.replyQueue(self.replyTo)
+        await _callbackFuture(lambda cb: channel.queue_declare(
+            queue=queue, durable=False, exclusive=False, auto_delete=False,
+            arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS}, callback=cb))
+        await _callbackFuture(lambda cb: channel.queue_bind(
+            queue=queue, exchange=topology.responsesExchange, routing_key=self.replyTo,
+            callback=cb))
+        return queue, self.replyTo
+
+    def _requestTarget(self, case: Case) -> tuple[str, str]:
+        """The exchange and routing key of a request."""
+        return self.topology.requestsExchange, case.requestType
+
+    def _requestProperties(self, correlationId: str, case: Case, body: bytes,
+                           now: float) -> pika.BasicProperties:
+        return codec.requestProperties(RequestMessage(
+            correlationId=correlationId, requestType=case.requestType,
+            replyTo=self.replyAddress, body=body, deadline=now + REQUEST_TIMEOUT_MS / 1000,
+            gatewayId=self.replyTo), now)
+
+    def _parseReply(self, properties: pika.BasicProperties,
+                    body: bytes) -> tuple[str, str, int | None] | None:
+        """(correlation id, kind, seq), or None when no correlation id names the request."""
+        reply = codec.replyFromAmqp(properties, body, self.replyTo)
+        return None if reply is None else (reply.correlationId, str(reply.kind), reply.seq)
 
     async def _channel(self) -> Any:
         channel = await _callbackFuture(lambda cb: self._connection.channel(on_open_callback=cb))
@@ -336,11 +370,9 @@ class AmqpDriver:
         if channel is None or not channel.is_open:
             return 0.0, "the AMQP publishing channel is not open"
         correlationId = secrets.token_hex(16)
-        now = time.time()
         body = _encode(case.payload).encode("utf-8")
-        properties = codec.requestProperties(RequestMessage(
-            correlationId=correlationId, requestType=case.requestType, replyTo=self.replyTo,
-            body=body, deadline=now + REQUEST_TIMEOUT_MS / 1000, gatewayId=self.replyTo), now)
+        properties = self._requestProperties(correlationId, case, body, time.time())
+        exchange, routingKey = self._requestTarget(case)
         call = _AmqpCall(asyncio.get_running_loop().create_future())
         self.pending[correlationId] = call
         self._published += 1
@@ -348,8 +380,7 @@ class AmqpDriver:
         assert self.confirmedAll is not None
         self.confirmedAll.clear()
         started = time.perf_counter()
-        channel.basic_publish(exchange=self.topology.requestsExchange,
-                              routing_key=case.requestType, body=body,
+        channel.basic_publish(exchange=exchange, routing_key=routingKey, body=body,
                               properties=properties, mandatory=True)
         try:
             ended, kind, data = await asyncio.wait_for(call.future, LOCAL_TIMEOUT_S)
@@ -362,28 +393,29 @@ class AmqpDriver:
 
     def _replyArrived(self, _channel: Any, _method: Any, properties: Any, body: bytes) -> None:
         now = time.perf_counter()
-        reply = codec.replyFromAmqp(properties, body, self.replyTo)
-        if reply is None:
-            self.anomalies.append(f"reply with type {properties.type!r} or without a "
+        parsed = self._parseReply(properties, body)
+        if parsed is None:
+            self.anomalies.append(f"reply with type {properties.type!r} and no "
                                   f"correlation_id: {_short(body)}")
             return
-        call = self.pending.get(reply.correlationId)
+        correlationId, kind, seq = parsed
+        call = self.pending.get(correlationId)
         if call is None:
-            self.anomalies.append(f"{reply.kind} reply for a request not in flight "
-                                  f"(after its terminal reply?): {reply.correlationId}")
+            self.anomalies.append(f"{kind} reply for a request not in flight "
+                                  f"(after its terminal reply?): {correlationId}")
             return
         try:
-            data = json.loads(reply.body)
+            data = json.loads(body)
         except ValueError:
-            data = f"<not JSON: {reply.body[:60]!r}>"
-        if reply.kind == ReplyKind.CHUNK:
-            if reply.seq != len(call.chunks):
-                self.anomalies.append(f"chunk {codec.HEADER_SEQ}={reply.seq}, "
+            data = f"<not JSON: {body[:60]!r}>"
+        if kind == ReplyKind.CHUNK:
+            if self.sequencedChunks and seq != len(call.chunks):
+                self.anomalies.append(f"chunk {codec.HEADER_SEQ}={seq}, "
                                       f"expected {len(call.chunks)}")
             call.chunks.append(data)
         else:
-            del self.pending[reply.correlationId]
-            call.future.set_result((now, str(reply.kind), data))
+            del self.pending[correlationId]
+            call.future.set_result((now, kind, data))
 
     def _returned(self, _channel: Any, method: Any, properties: Any, _body: bytes) -> None:
         call = self.pending.pop(properties.correlation_id, None)
@@ -423,12 +455,64 @@ class AmqpDriver:
         if self._connection is None or not self._connection.is_open:
             return
         if self._consuming is not None and self._consuming.is_open:
-            queue = self.topology.replyQueue(self.replyTo)
             await asyncio.wait_for(_callbackFuture(
-                lambda cb: self._consuming.queue_delete(queue=queue, callback=cb)), 5)
+                lambda cb: self._consuming.queue_delete(queue=self.replyQueue, callback=cb)), 5)
         self._connection.close()
         assert self._closed is not None
         await asyncio.wait_for(self._closed, 5)
+
+
+class BarePikaDriver(AmqpDriver):
+    """The same client (connection, confirms, `mandatory`, matching, checks), speaking plain
+    pika RPC to benchmarks/barepika_worker.py instead of relaybus's wire format: each request
+    goes to the worker's queue through the default exchange with only `correlation_id`,
+    `reply_to` (a server-named exclusive reply queue) and `type` (the requestType); replies
+    carry `correlation_id` and `type` (chunk/response) and nothing else, so chunks are not
+    numbered (their data still shows the order)."""
+
+    path = "bare pika"
+    sequencedChunks = False
+
+    def __init__(self, url: str, queue: str) -> None:
+        super().__init__(url, Topology())
+        self.queue = queue
+
+    async def _declareReplyQueue(self, channel: Any) -> tuple[str, str]:
+        declared = await _callbackFuture(lambda cb: channel.queue_declare(
+            queue="", exclusive=True, callback=cb))
+        queue: str = declared.method.queue
+        return queue, queue
+
+    def _requestTarget(self, case: Case) -> tuple[str, str]:
+        return "", self.queue
+
+    def _requestProperties(self, correlationId: str, case: Case, body: bytes,
+                           now: float) -> pika.BasicProperties:
+        return pika.BasicProperties(correlation_id=correlationId, reply_to=self.replyAddress,
+                                    type=case.requestType)
+
+    def _parseReply(self, properties: pika.BasicProperties,
+                    body: bytes) -> tuple[str, str, int | None] | None:
+        if not properties.correlation_id:
+            return None
+        return properties.correlation_id, str(properties.type), None
+
+
+class BarePikaWorkerProcess(ServiceProcess):
+    """benchmarks/barepika_worker.py as a process: not twistd, but the harness's log file,
+    SIGTERM and log scan all the same."""
+
+    def __init__(self, url: str, queue: str) -> None:
+        super().__init__("barepika_worker", ["--url", url, "--queue", queue],
+                         name="bench-bare-pika-worker")
+        self.logPath = self.logPath.with_name("worker.log")
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(Path(__file__).with_name("barepika_worker.py")), *self.args]
+
+    def waitUntilReady(self, timeout: float = 20.0) -> BarePikaWorkerProcess:
+        self.waitForLog(r"(?m)^ready$", timeout)
+        return self
 
 
 # CPU accounting: who spent the machine's two cores during a phase
@@ -559,9 +643,9 @@ async def runCase(driver: Any, case: Case, warmup: int, meter: CpuMeter) -> Resu
     return Result(case, driver.path, latencies, errors, elapsed, cpu)
 
 
-async def runAll(cases: list[Case], gatewayURL: str | None, brokerURL: str | None,
-                 topology: Topology, connections: int, warmup: int, rounds: int,
-                 pids: dict[str, int | None]) -> list[Result]:
+async def runAll(cases: list[Case], gatewayURL: str | None, amqpURL: str | None,
+                 bare: tuple[str, str] | None, topology: Topology, connections: int,
+                 warmup: int, rounds: int, pids: dict[str, int | None]) -> list[Result]:
     """Every case on every path, in `rounds` rounds of requests/rounds each, the paths'
     order alternating between rounds: a burst of noise from other users of the machine then
     lands on both paths rather than on whichever happened to run at that moment."""
@@ -575,13 +659,16 @@ async def runAll(cases: list[Case], gatewayURL: str | None, brokerURL: str | Non
     drivers: list[Any] = []
     if gatewayURL:
         drivers.append(GatewayDriver(gatewayURL, connections))
-    amqp: AmqpDriver | None = None
-    if brokerURL:
-        amqp = AmqpDriver(brokerURL, topology)
-        await amqp.open()
-        drivers.append(amqp)
+    amqps: list[AmqpDriver] = []
+    if amqpURL:
+        amqps.append(AmqpDriver(amqpURL, topology))
+    if bare:
+        amqps.append(BarePikaDriver(*bare))
     results: dict[tuple[str, int, str], Result] = {}
     try:
+        for amqp in amqps:
+            await amqp.open()
+            drivers.append(amqp)
         for round in range(rounds):
             print(f" round {round + 1}/{rounds}", flush=True)
             for case in cases:
@@ -601,7 +688,7 @@ async def runAll(cases: list[Case], gatewayURL: str | None, brokerURL: str | Non
                                               0.0, {})
                     results[key].add(part)
     finally:
-        if amqp is not None:
+        for amqp in amqps:
             await amqp.close()
     order = [d.path for d in drivers]
     return sorted(results.values(), key=lambda r: (cases.index(r.case), order.index(r.path)))
@@ -625,7 +712,7 @@ def printTable(results: list[Result], connections: int) -> None:
     print(f"(gateway path: concurrency c over min(c, {connections}) WebSocket connection(s); "
           "latency = request frame sent -> terminal frame received)")
 
-    cpuNames = [n for n in ("gateway", "worker", "broker", "client")
+    cpuNames = [n for n in ("gateway", "worker", "bare-worker", "broker", "client")
                 if any(r.cpu.get(n) is not None for r in results)]
     header = ("case", "path", "conc", *(f"{n} ms/req" for n in cpuNames), "other load")
     rows = []
@@ -642,6 +729,26 @@ def printTable(results: list[Result], connections: int) -> None:
     print("CPU time per request (from /proc; 'other load' = busy CPU not used by the "
           "processes listed, i.e. other users of this machine):")
     _table(header, rows)
+
+
+def printRatios(results: list[Result]) -> None:
+    """The whole stack against the floor: what relaybus costs over plain pika RPC on the same
+    broker (gateway path), and how much of that is the relaybus worker and wire format alone
+    (amqp-only path)."""
+    rates = {(r.case.name, r.case.concurrency, r.path): r.rate for r in results}
+    keys = sorted({(r.case.name, r.case.concurrency) for r in results if r.path == "bare pika"},
+                  key=lambda k: (k[0] != "echo", k[1]))
+    rows = []
+    for name, concurrency in keys:
+        floor = rates[(name, concurrency, "bare pika")]
+        cells = [f"{rates[(name, concurrency, p)] / floor:.2f}"
+                 if floor and (name, concurrency, p) in rates else ""
+                 for p in ("gateway", "amqp-only")]
+        rows.append((name, str(concurrency), *cells))
+    if rows:
+        print("\nThroughput (req/s) against bare pika, same case and concurrency:")
+        _table(("case", "conc", "whole stack (gateway path) / bare pika",
+                "amqp-only / bare pika"), rows)
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
@@ -683,9 +790,46 @@ def printErrors(results: list[Result]) -> None:
             print(f"    ... and {len(r.errors) - 5} other kinds")
 
 
+def profileOptions(process: ServiceProcess) -> list[str]:
+    """twistd's own options to run `process` under cProfile, its stats in its log folder."""
+    return [f"--profile={process.logPath.with_name('profile.pstats')}", "--profiler=cprofile",
+            "--savestats"]
+
+
+def _where(file: str, line: int, function: str) -> str:
+    if file == "~":  # a built-in: "<method 'poll' of 'select.epoll' objects>"
+        return function
+    for marker in ("/site-packages/", "/src/", f"/python{sys.version_info[0]}."
+                   f"{sys.version_info[1]}/"):
+        if marker in file:
+            file = file.split(marker, 1)[1]
+            break
+    return f"{file}:{line}({function})"
+
+
+def printProfile(process: ServiceProcess, top: int = 25) -> None:
+    """The `top` functions by cumulative and by own (total) time. cProfile counts wall time,
+    over the process's whole life: start-up, warm-up, and the phases of the other paths,
+    when it waits in epoll (the poll line)."""
+    path = process.logPath.with_name("profile.pstats")
+    if not path.exists():
+        print(f"\n{process.name}: no profile in {path} (it did not shut down cleanly?)")
+        return
+    # {(file, line, function): (primitive calls, calls, own time, cumulative time, callers)}
+    stats: dict[tuple[str, int, str], tuple[Any, ...]]
+    stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]  # not in typeshed
+    for column, title in ((3, "cumulative"), (2, "total (own)")):
+        print(f"\n{process.name}: top {top} functions by {title} time ({path})")
+        print(f"{'ncalls':>10} {'tottime':>8} {'cumtime':>8}  function")
+        ranked = sorted(stats.items(), key=lambda item: item[1][column], reverse=True)
+        for (file, line, function), (_primitive, calls, own, cumulative, _) in ranked[:top]:
+            print(f"{calls:>10} {own:8.3f} {cumulative:8.3f}  {_where(file, line, function)}")
+
+
 def parseArguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="relaybus end-to-end benchmark: gateway path vs the AMQP-only ceiling.")
+        description="relaybus end-to-end benchmark: gateway path vs the AMQP-only ceiling "
+                    "and bare pika.")
     parser.add_argument("--requests", type=int, default=None,
                         help="measured requests for every case (overrides the two below)")
     parser.add_argument("--requests-serial", type=int, default=6000,
@@ -706,7 +850,8 @@ def parseArguments(argv: list[str] | None) -> argparse.Namespace:
                         help="comma-separated subset of: echo, stream")
     parser.add_argument("--gateway-url", default=None,
                         help="drive this existing gateway (ws://HOST:PORT/ws) instead of "
-                             "starting one; the AMQP-only path then runs only with --broker")
+                             "starting one; the AMQP-only and bare pika paths then run only with "
+                             "--broker")
     parser.add_argument("--broker", default=None,
                         help="use this broker URL (amqp://...) instead of a throwaway vhost")
     parser.add_argument("--amqp-prefix", default=DEFAULT_PREFIX,
@@ -717,6 +862,15 @@ def parseArguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--worker-concurrency", type=int, default=100,
                         help="the started worker's --concurrency (default 100)")
     parser.add_argument("--no-amqp", action="store_true", help="skip the AMQP-only path")
+    parser.add_argument("--no-bare", action="store_true",
+                        help="skip the bare pika path (and its worker, "
+                             "benchmarks/barepika_worker.py)")
+    parser.add_argument("--worker-reactor", default=None, metavar="NAME",
+                        help="start the relaybus worker and the gateway with twistd --reactor "
+                             "NAME (e.g. asyncio; default: twistd's default)")
+    parser.add_argument("--profile", action="store_true",
+                        help="run the started gateway and relaybus worker under cProfile and "
+                             "print their top 25 functions (cumulative and own time) at the end")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.requests is not None:
@@ -751,12 +905,14 @@ def main(argv: list[str] | None = None) -> int:
     vhost: str | None = None
     gateway: GatewayProcess | None = None
     worker: WorkerProcess | None = None
+    bareWorker: BarePikaWorkerProcess | None = None
     results: list[Result] = []
     findings: list[str] = []
     started = time.monotonic()
 
     def cleanUp() -> None:
-        for process in (gateway, worker):  # the gateway first: it must not see workers vanish
+        # the gateway first: it must not see workers vanish
+        for process in (gateway, worker, bareWorker):
             if process is not None:
                 findings.extend(stopAndScan(process))
         if vhost is not None:
@@ -772,35 +928,51 @@ def main(argv: list[str] | None = None) -> int:
         if brokerURL and not args.no_worker:
             worker = WorkerProcess([*common, "--handlers", "workers.examples",
                                     "--concurrency", str(args.worker_concurrency)],
-                                   name="bench-worker")
+                                   name="bench-worker", reactor=args.worker_reactor)
+            if args.profile:
+                worker.twistdOptions = profileOptions(worker)
             print("Starting the worker ...", flush=True)
             worker.start()
             worker.waitUntilReady(timeout=30)
+        bare: tuple[str, str] | None = None
+        if brokerURL and not args.no_bare:
+            bare = (brokerURL, f"bench-bare-pika-{secrets.token_hex(4)}")
+            bareWorker = BarePikaWorkerProcess(*bare)
+            print("Starting the bare pika worker ...", flush=True)
+            bareWorker.start()
+            bareWorker.waitUntilReady(timeout=30)
         gatewayURL = args.gateway_url
         if gatewayURL is None:
-            gateway = GatewayProcess(common, name="bench-gateway")
+            gateway = GatewayProcess(common, name="bench-gateway", reactor=args.worker_reactor)
+            if args.profile:
+                gateway.twistdOptions = profileOptions(gateway)
             print("Starting the gateway ...", flush=True)
             gateway.start()
             gateway.waitUntilReady(timeout=30)
             gatewayURL = gateway.url
         elif not brokerURL:
-            print("No --broker: the AMQP-only path is skipped (it needs the gateway's broker).")
+            print("No --broker: the AMQP-only and bare pika paths are skipped (they need the "
+                  "gateway's broker).")
         pids: dict[str, int | None] = {
-            "gateway": gateway.process.pid if gateway and gateway.process else None,
-            "worker": worker.process.pid if worker and worker.process else None,
-            "broker": brokerPid(),
-        }
-        print(f"Load average before: {os.getloadavg()[0]:.2f}. Running "
-              f"{len(cases)} cases x {1 if args.no_amqp or not brokerURL else 2} paths:",
+            name: process.process.pid if process and process.process else None
+            for name, process in (("gateway", gateway), ("worker", worker),
+                                  ("bare-worker", bareWorker))}
+        pids["broker"] = brokerPid()
+        amqpURL = None if args.no_amqp else brokerURL
+        paths = [p for p, on in (("gateway", True), ("amqp-only", amqpURL), ("bare pika", bare))
+                 if on]
+        print(f"Load average before: {os.getloadavg()[0]:.2f}. Running {len(cases)} cases x "
+              f"{len(paths)} paths ({', '.join(paths)}; twistd reactor: "
+              f"{args.worker_reactor or 'default'}{', profiled' if args.profile else ''}):",
               flush=True)
         try:
-            results = asyncio.run(runAll(cases, gatewayURL,
-                                         None if args.no_amqp else brokerURL, topology,
+            results = asyncio.run(runAll(cases, gatewayURL, amqpURL, bare, topology,
                                          args.connections, args.warmup, args.rounds, pids))
         finally:  # closing the loop reset SIGTERM to its default (die without cleaning up)
             interruptOnSigterm()
         print(f"Load average after: {os.getloadavg()[0]:.2f}\n")
         printTable(results, args.connections)
+        printRatios(results)
         printOutliers(results)
         printErrors(results)
         if any(r.errors for r in results):
@@ -822,9 +994,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {line}")
         if len(findings) > 40:
             print(f"  ... and {len(findings) - 40} more")
-    for process in (gateway, worker):
-        if process is not None:
-            print(f"{process.name} log: {process.logPath}")
+    if args.profile:
+        for profiled in (gateway, worker):
+            if profiled is not None:
+                printProfile(profiled)
+    for launched in (gateway, worker, bareWorker):
+        if launched is not None:
+            print(f"{launched.name} log: {launched.logPath}")
     print(f"Total time {time.monotonic() - started:.0f} s.")
     return run.status
 

@@ -59,26 +59,32 @@ class ServiceProcess:
     """One `twistd --nodaemon <plugin> ...` process with its log in a file."""
 
     def __init__(self, plugin: str, args: list[str], env: dict[str, str] | None = None,
-                 name: str | None = None, reactor: str | None = None) -> None:
+                 name: str | None = None, reactor: str | None = None,
+                 twistdOptions: list[str] | None = None) -> None:
         self.plugin = plugin
         self.args = args
         self.reactor = reactor  # twistd's -r (e.g. "asyncio"); None: twistd's default
+        self.twistdOptions = twistdOptions or []  # twistd's own, before the plugin (--profile)
         self.name = name or plugin
         self._env = env
         self._logDir = tempfile.mkdtemp(prefix=f"relaybus-{self.name}-")
         self.logPath = Path(self._logDir) / "twistd.log"
         self.process: subprocess.Popen[bytes] | None = None
 
+    def command(self) -> list[str]:
+        """twistd, its own options, the plugin and the plugin's options. A subclass may run
+        something else under the same log, stop and scan handling."""
+        return [*twistdCommand(), "--nodaemon", "--pidfile=",
+                *(["--reactor", self.reactor] if self.reactor else []), *self.twistdOptions,
+                self.plugin, *self.args]
+
     def start(self) -> ServiceProcess:
         env = dict(os.environ if self._env is None else self._env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         with open(self.logPath, "ab") as log:
             self.process = subprocess.Popen(
-                [*twistdCommand(), "--nodaemon", "--pidfile=",
-                 *(["--reactor", self.reactor] if self.reactor else []), self.plugin,
-                 *self.args],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self._logDir,
-                start_new_session=True)
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                cwd=self._logDir, start_new_session=True)
         return self
 
     @property
