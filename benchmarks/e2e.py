@@ -847,7 +847,8 @@ def parseArguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=200,
                         help="uncounted requests before each case, per path (default 200)")
     parser.add_argument("--cases", default="echo,stream",
-                        help="comma-separated subset of: echo, stream")
+                        help="comma-separated subset of: echo, stream, asyncEcho (echo run "
+                             "as an asyncio Task; needs --worker-reactor asyncio)")
     parser.add_argument("--gateway-url", default=None,
                         help="drive this existing gateway (ws://HOST:PORT/ws) instead of "
                              "starting one; the AMQP-only and bare pika paths then run only with "
@@ -889,12 +890,18 @@ def makeCases(args: argparse.Namespace) -> list[Case]:
         if "echo" in wanted:
             cases.append(Case("echo", "echo", ECHO_PAYLOAD, [], ECHO_PAYLOAD, concurrency,
                               count))
+        if "asyncEcho" in wanted:  # echo as an asyncio Task (needs --worker-reactor asyncio)
+            cases.append(Case("asyncEcho", "asyncEcho", ECHO_PAYLOAD, [], ECHO_PAYLOAD,
+                              concurrency, count))
         if "stream" in wanted:
             cases.append(Case("stream", "testRequest", STREAM_PAYLOAD, STREAM_CHUNKS,
                               STREAM_RESPONSE, concurrency, count))
     if not cases:
-        raise SystemExit("--cases names none of: echo, stream")
-    return sorted(cases, key=lambda c: (c.name != "echo", c.concurrency))
+        raise SystemExit("--cases names none of: echo, asyncEcho, stream")
+    if "asyncEcho" in wanted and args.worker_reactor != "asyncio":
+        raise SystemExit("--cases asyncEcho needs --worker-reactor asyncio (an asyncio handler)")
+    order = {"echo": 0, "asyncEcho": 1, "stream": 2}
+    return sorted(cases, key=lambda c: (order[c.name], c.concurrency))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -926,7 +933,9 @@ def main(argv: list[str] | None = None) -> int:
             brokerURL = createVhost(vhost)
         common = ["--broker", brokerURL or "", "--amqp-prefix", args.amqp_prefix]
         if brokerURL and not args.no_worker:
-            worker = WorkerProcess([*common, "--handlers", "workers.examples",
+            asyncioHandlers = (["--handlers", "workers.asyncio_examples"]
+                               if args.worker_reactor == "asyncio" else [])
+            worker = WorkerProcess([*common, "--handlers", "workers.examples", *asyncioHandlers,
                                     "--concurrency", str(args.worker_concurrency)],
                                    name="bench-worker", reactor=args.worker_reactor)
             if args.profile:

@@ -1,4 +1,5 @@
-"""An asyncio example handler: `asyncTicker` streams what an asyncio producer puts on a queue.
+"""Asyncio example handlers: `asyncTicker` streams what an asyncio producer puts on a queue;
+`asyncEcho` answers its payload (the yardstick for what running as a Task costs).
 
 It runs as an asyncio Task (runsIn = "asyncio"), so the worker must run the asyncio reactor:
 
@@ -70,4 +71,17 @@ class AsyncTickerHandler:
             self.producersRunning -= 1
 
 
+@implementer(IRequestHandler)
+class AsyncEchoHandler:
+    """Returns its payload from an asyncio Task: echo's twin, for benchmarks/e2e.py."""
+
+    requestType = "asyncEcho"
+    idempotent = True
+    runsIn = "asyncio"
+
+    async def handle(self, request: HandlerRequest, stream: IRequestStream) -> Any:
+        return request.payload
+
+
 asyncTicker = AsyncTickerHandler()
+asyncEcho = AsyncEchoHandler()

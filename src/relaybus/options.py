@@ -191,7 +191,8 @@ class GatewayOptions(_EnvironmentOptions):
     repeatable = ("handlers", "allowed-origin", "allowed-host", "trusted-proxy")
     optParameters = [
         ["listen", "l", "tcp:8080:interface=127.0.0.1", "Endpoint to listen on (strports)."],
-        ["broker", "b", "memory", "'memory' (embedded bus) or an amqp:// or amqps:// URL."],
+        ["broker", "b", None, "'memory' (embedded bus) or an amqp:// or amqps:// URL "
+         "(default: $RELAYBUS_BROKER, else memory; the variable keeps a password out of ps)."],
         ["gateway-id", None, None, "This gateway's id and reply queue name (default: random)."],
         ["amqp-prefix", None, "", "Prefix for every exchange and queue name."],
         ["max-message-bytes", None, _LIMITS.maxMessageBytes,
@@ -301,6 +302,7 @@ class GatewayOptions(_EnvironmentOptions):
         self["allowed-host"].append(name)
 
     def postOptions(self) -> None:
+        self["broker"] = self["broker"] or os.environ.get("RELAYBUS_BROKER") or "memory"
         _checkBroker(self["broker"])
         limits = Limits(self["max-message-bytes"], self["max-in-flight"],
                         self["default-timeout-ms"], self["max-timeout-ms"],
@@ -361,7 +363,8 @@ class WorkerOptions(_EnvironmentOptions):
     longdesc = "Run relaybus request handlers against RabbitMQ."
     repeatable = ("handlers",)
     optParameters = [
-        ["broker", "b", None, "amqp:// or amqps:// URL of RabbitMQ (required)."],
+        ["broker", "b", None, "amqp:// or amqps:// URL of RabbitMQ (required; default: "
+         "$RELAYBUS_BROKER, which keeps a password out of ps)."],
         ["concurrency", "c", 10, "Requests run at once per requestType (the AMQP prefetch).",
          _positiveInt],
         ["amqp-prefix", None, "", "Prefix for every exchange and queue name."],
@@ -381,8 +384,10 @@ class WorkerOptions(_EnvironmentOptions):
         self["handlers"].append(module)
 
     def postOptions(self) -> None:
+        self["broker"] = self["broker"] or os.environ.get("RELAYBUS_BROKER")
         if not self["broker"] or self["broker"] == "memory":
-            raise usage.UsageError("--broker amqp://... is required for a worker")
+            raise usage.UsageError("--broker amqp://... is required for a worker (or set "
+                                   "RELAYBUS_BROKER)")
         _checkBroker(self["broker"])
         if not self["handlers"]:
             raise usage.UsageError("name at least one --handlers module")

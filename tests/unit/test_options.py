@@ -432,3 +432,35 @@ def test_jwks_url_usage_errors(argv: list[str], message: str) -> None:
     with pytest.raises(UsageError, match=message) as raised:
         gateway(*argv)
     assert "hunter2" not in str(raised.value)
+
+
+def test_the_broker_url_may_come_from_the_environment_to_stay_out_of_ps(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAYBUS_BROKER", "amqp://user:s3cret@rabbit/")
+    worker = WorkerOptions()
+    worker.parseOptions(["--handlers", "workers.examples"])
+    assert worker.config.broker == "amqp://user:s3cret@rabbit/"
+    gateway = GatewayOptions()
+    gateway.parseOptions([])
+    assert gateway.config.broker == "amqp://user:s3cret@rabbit/"
+    explicit = WorkerOptions()
+    explicit.parseOptions(["--broker", "amqp://other/", "--handlers", "workers.examples"])
+    assert explicit.config.broker == "amqp://other/"  # the option wins
+
+
+def test_without_either_the_gateway_is_embedded_and_the_worker_refuses(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RELAYBUS_BROKER", raising=False)
+    gateway = GatewayOptions()
+    gateway.parseOptions([])
+    assert gateway.config.broker == "memory"
+    with pytest.raises(UsageError, match="or set RELAYBUS_BROKER"):
+        WorkerOptions().parseOptions(["--handlers", "workers.examples"])
+
+
+def test_a_bad_broker_url_from_the_environment_is_refused_without_its_password(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAYBUS_BROKER", "redis://user:s3cret@rabbit/")
+    with pytest.raises(UsageError) as caught:
+        WorkerOptions().parseOptions(["--handlers", "workers.examples"])
+    assert "s3cret" not in str(caught.value)
