@@ -302,7 +302,8 @@ class GatewayOptions(_EnvironmentOptions):
         self["allowed-host"].append(name)
 
     def postOptions(self) -> None:
-        self["broker"] = self["broker"] or os.environ.get("RELAYBUS_BROKER") or "memory"
+        if self["broker"] is None:  # not given: an explicit --broker "" stays an error
+            self["broker"] = os.environ.get("RELAYBUS_BROKER") or "memory"
         _checkBroker(self["broker"])
         limits = Limits(self["max-message-bytes"], self["max-in-flight"],
                         self["default-timeout-ms"], self["max-timeout-ms"],
@@ -384,7 +385,8 @@ class WorkerOptions(_EnvironmentOptions):
         self["handlers"].append(module)
 
     def postOptions(self) -> None:
-        self["broker"] = self["broker"] or os.environ.get("RELAYBUS_BROKER")
+        if self["broker"] is None:
+            self["broker"] = os.environ.get("RELAYBUS_BROKER")
         if not self["broker"] or self["broker"] == "memory":
             raise usage.UsageError("--broker amqp://... is required for a worker (or set "
                                    "RELAYBUS_BROKER)")
