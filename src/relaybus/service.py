@@ -200,7 +200,7 @@ class WorkerService(MultiService):
 
     def startService(self) -> None:
         log.info("relaybus worker serving {types} from {broker}",
-                 types=", ".join(self.runtime.requestTypes), broker=_redacted(self.config.broker))
+                 types=self.runtime.describeHandlers(), broker=_redacted(self.config.broker))
         super().startService()
 
     @inlineCallbacks

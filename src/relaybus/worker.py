@@ -26,6 +26,8 @@ from relaybus.errors import WORKER_ERROR_CODES, ErrorCode, RelaybusError, ReplyR
 from relaybus.handlerworlds import (
     ASYNCIO_ON_REACTOR,
     DEFAULT_THREADS,
+    THREAD,
+    TWISTED,
     HandlerCalls,
     threadsFor,
     worldOf,
@@ -146,6 +148,15 @@ class WorkerRuntime(Service):
     @property
     def requestTypes(self) -> list[str]:
         return list(self._handlers)
+
+    def describeHandlers(self) -> str:
+        """For the start-up log line: each requestType, and where it runs when not on the
+        reactor (e.g. "echo, fetch (asyncio), report (thread; 8 threads)")."""
+        threads = self._calls.threads.size
+        return ", ".join(
+            requestType if world == TWISTED else
+            f"{requestType} ({world}{f'; {threads} threads' if world == THREAD else ''})"
+            for requestType, world in self._worlds.items())
 
     def startService(self) -> None:
         super().startService()

@@ -81,7 +81,9 @@ def test_asyncio_handlers_stream_and_await_a_real_asyncio_client(asyncioStack, c
     assert fetched.chunkData == [f"line {n}" for n in range(6)]
     assert fetched.terminal["data"] == {"lines": 6, "status": 200}
     stack.waitForHandlerLog(rf"Task started {token} \(in a Task: True\)", mark)
-    assert "AsyncioSelectorReactor" in stack.workers[0].log
+    log = stack.workers[0].log
+    assert "AsyncioSelectorReactor" in log
+    assert "asyncTicker (asyncio)" in log and "slowDigest (thread; 2 threads)" in log
     client.assertQuiet(probe, ticker, lines)
 
 

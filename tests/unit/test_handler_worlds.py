@@ -93,6 +93,16 @@ def test_the_runtime_refuses_a_bad_world_when_built() -> None:
         WorkerRuntime(FakeWorkerBus(), {"t": Handler(plain, "asyncio")}, Clock())
 
 
+def test_the_runtime_describes_where_each_handler_runs() -> None:
+    from twisted.internet import reactor
+
+    runtime = WorkerRuntime(FakeWorkerBus(), {"a": Handler(plain, requestType="a"),
+                                              "b": Handler(coroutine, "asyncio", "b"),
+                                              "c": Handler(plain, "thread", "c")},
+                            reactor, threads=3)
+    assert runtime.describeHandlers() == "a, b (asyncio), c (thread; 3 threads)"
+
+
 # The start-up check
 
 
