@@ -41,6 +41,7 @@ class Limits:
 @attrs.frozen
 class GatewayConfig:
     listen: str = "tcp:8080:interface=127.0.0.1"
+    reusePort: bool = False  # SO_REUSEPORT: several gateway processes share the port
     broker: str = "memory"
     handlers: tuple[str, ...] = ()
     gatewayId: str = attrs.field(factory=newGatewayId)

@@ -23,6 +23,7 @@ from relaybus.handlerworlds import (
 from relaybus.identity import JWTChecker, JWTSettings, loadChecker
 from relaybus.interfaces import IRequestHandler
 from relaybus.jwks import DEFAULT_REFRESH_S
+from relaybus.listener import ListenError, sharedEndpoint
 
 MAX_NAME_LENGTH = 64
 MAX_THREADS = 256  # each blocking handler thread costs a stack (8 MiB of address space)
@@ -267,6 +268,8 @@ class GatewayOptions(_EnvironmentOptions):
          "Seconds of clock skew allowed on a JWT's exp and nbf.", _nonNegativeFloat],
     ]
     optFlags = [
+        ["reuse-port", None, "Listen with SO_REUSEPORT (a tcp: --listen), so several gateway "
+         "processes on one host share the port; the kernel spreads connections over them."],
         ["allow-anonymous", None, "With a JWT key: admit handshakes without a token, as the "
          "principal 'anonymous' (a token that is present must still be valid)."],
     ]
@@ -316,7 +319,7 @@ class GatewayOptions(_EnvironmentOptions):
         if limits.defaultTimeoutMs > limits.maxTimeoutMs:
             raise usage.UsageError("--default-timeout-ms must not exceed --max-timeout-ms")
         self.config = GatewayConfig(
-            listen=self["listen"], broker=self["broker"],
+            listen=self["listen"], reusePort=bool(self["reuse-port"]), broker=self["broker"],
             handlers=tuple(self["handlers"]),
             gatewayId=self["gateway-id"] or newGatewayId(), amqpPrefix=self["amqp-prefix"],
             limits=limits, autoPingIntervalS=self["auto-ping-interval"],
@@ -352,6 +355,11 @@ class GatewayOptions(_EnvironmentOptions):
             raise usage.UsageError("--jwt-cookie needs a JWT key")
         if self["jwks-refresh"] is not None and not self.config.jwt.jwksUrl:
             raise usage.UsageError("--jwks-refresh needs --jwks-url")
+        if self.config.reusePort:
+            try:
+                sharedEndpoint(None, self.config.listen)
+            except ListenError as e:
+                raise usage.UsageError(str(e)) from None
         self.registry = _resolveHandlers(self.config.inProcessHandlers, "relaybus")
         self.checker = _loadChecker(self.config)
         self.authorizer = _loadAuthorizer(self.config)

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.error import ReactorNotRunning
@@ -28,6 +27,7 @@ from relaybus.gateway import GatewayFactory, makeSite
 from relaybus.identity import JWTChecker
 from relaybus.interfaces import IJWKSFetcher, IRequestBus, IRequestHandler, IWorkerBus
 from relaybus.jwks import AgentJWKSFetcher, RemoteJWKS, checkJWKSURL
+from relaybus.listener import listenerService
 from relaybus.memory import MemoryBus
 from relaybus.metrics import GatewayCollector, MetricsResource, gatewayRegistry
 from relaybus.worker import WorkerRuntime
@@ -144,7 +144,7 @@ class GatewayService(MultiService):
             GatewayCollector(self.table, self.factory, bus, reactor, self.jwks)))
         self.site = makeSite(self.factory, bus, lambda: self.draining, metrics,
                              lambda: self.jwks is None or self.jwks.loaded)
-        self.listener = strports.service(config.listen, self.site, reactor=reactor)
+        self.listener = listenerService(config.listen, self.site, reactor, config.reusePort)
         self.listener.setServiceParent(self)
 
     def startService(self) -> None:
