@@ -42,7 +42,10 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
 # The browser
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: Playwright's sync API keeps an asyncio loop marked "running" in
+# the main thread while it is open, and every later asyncio.run / pytest-asyncio test in the
+# session would fail with "cannot be called from a running event loop".
+@pytest.fixture(scope="module")
 def playwright() -> Iterator[Playwright]:
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(f"The browser tests need Chromium at {CHROMIUM}. Install it (Debian: "
@@ -52,9 +55,9 @@ def playwright() -> Iterator[Playwright]:
         yield driver
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium(playwright: Playwright) -> Iterator[Browser]:
-    """One headless Chromium for the session; each test gets a fresh context (profile)."""
+    """One headless Chromium per module; each test gets a fresh context (profile)."""
     browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
                                          headless=True, timeout=LAUNCH_TIMEOUT_MS)
     yield browser
