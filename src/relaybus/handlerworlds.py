@@ -36,8 +36,9 @@ WORLDS = (TWISTED, ASYNCIO, THREAD)
 DEFAULT_THREADS = 10
 
 # A hint for the mistake this module exists for: an asyncio await inside a handler that the
-# runtime drives with Deferreds.
-ASYNCIO_ON_REACTOR = "await wasn't used with future"
+# runtime drives with Deferreds. Under the asyncio reactor the awaited future is not driven;
+# under any other reactor (twistd's default) asyncio finds no running loop at all.
+ASYNCIO_ON_REACTOR = ("await wasn't used with future", "no running event loop")
 
 
 class HandlerWorldError(ValueError):

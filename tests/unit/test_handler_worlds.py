@@ -285,6 +285,23 @@ def test_awaiting_asyncio_on_the_reactor_logs_the_fix() -> None:
     assert hints, "no log line tells the author what to change"
 
 
+def test_awaiting_asyncio_on_the_default_reactor_logs_the_fix_too() -> None:
+    """Under twistd's default reactor no asyncio loop runs: asyncio says 'no running event loop'
+    (here: a Clock, no loop), and the log still names the fix."""
+    async def awaitsAsyncio(request: Any, stream: IRequestStream) -> Any:
+        await asyncio.sleep(0.01)
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        run = runHandler(Handler(awaitsAsyncio), None)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert run.outcome.errorCode == "handler_error"
+    hints = [e for e in events if 'declare runsIn = "asyncio"' in str(e.get("hint", ""))]
+    assert hints, "no log line tells the author what to change"
+
+
 # Blocking handlers in a real thread pool (pytest-twisted's running reactor)
 
 
