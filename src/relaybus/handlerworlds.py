@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -102,9 +103,11 @@ def checkWorlds(handlers: Mapping[str, IRequestHandler], reactor: Any,
 class ThreadRunner(Protocol):
     """How thread handlers get a thread, and how their code gets back to the reactor."""
 
-    def run(self, work: Callable[[], Any], done: Callable[[bool, Any], None]) -> None:
+    def run(self, work: Callable[[], Any],
+            done: Callable[[bool, Any], None]) -> Callable[[], bool]:
         """Call work() in a thread; then done(True, result) or done(False, Failure) on the
-        reactor."""
+        reactor. Returns `forget`: True if the call was still waiting for a thread and now
+        never runs (nor calls done)."""
 
     def callInReactor(self, f: Callable[..., Any], *args: Any) -> Any:
         """From a handler's thread: f(*args) on the reactor, waiting for its Deferred."""
@@ -119,26 +122,53 @@ def _daemonThread(*args: Any, **kwargs: Any) -> threading.Thread:
 
 
 class PooledThreads:
-    """A bounded pool of daemon threads (`--threads N`)."""
+    """A bounded pool of daemon threads (`--threads N`).
+
+    Calls wait for a thread here, on the reactor, not in the pool's own queue: a request that
+    ends while it waits is forgotten at once (with its payload), while all threads are held by
+    calls that never return."""
 
     def __init__(self, reactor: Any, size: int) -> None:
         self._reactor = reactor
         self._pool = ThreadPool(0, size, name="relaybus-handlers")
         self._pool.threadFactory = _daemonThread  # type: ignore[assignment]
         self.size = size
-        self.busy = 0  # calls handed to the pool that have not returned
+        self._inThreads = 0  # calls handed to a thread that have not returned
+        self._waiting: dict[int, tuple[Callable[[], Any], Callable[[bool, Any], None]]] = {}
+        self._numbers = itertools.count()
 
-    def run(self, work: Callable[[], Any], done: Callable[[bool, Any], None]) -> None:
-        if not self._pool.started:
-            self._pool.start()
-        self.busy += 1
+    @property
+    def busy(self) -> int:
+        """Calls not returned yet: in a thread, or waiting for one."""
+        return self._inThreads + len(self._waiting)
 
-        def returned(ok: bool, result: Any) -> None:
-            self.busy -= 1
+    def run(self, work: Callable[[], Any],
+            done: Callable[[bool, Any], None]) -> Callable[[], bool]:
+        number = next(self._numbers)
+        self._waiting[number] = (work, done)
+        self._startWaiting()
+        return lambda: self._waiting.pop(number, None) is not None
+
+    def _startWaiting(self) -> None:
+        while self._waiting and self._inThreads < self.size:
+            work, done = self._waiting.pop(next(iter(self._waiting)))
+            if not self._pool.started:
+                self._pool.start()
+            self._inThreads += 1
+            self._pool.callInThreadWithCallback(self._fromThread(done), work)
+
+    def _fromThread(self, done: Callable[[bool, Any], None]) -> Callable[[bool, Any], None]:
+        def returned(ok: bool, result: Any) -> None:  # in the thread
+            self._reactor.callFromThread(self._returned, done, ok, result)
+
+        return returned
+
+    def _returned(self, done: Callable[[bool, Any], None], ok: bool, result: Any) -> None:
+        self._inThreads -= 1
+        try:
             done(ok, result)
-
-        self._pool.callInThreadWithCallback(
-            lambda ok, result: self._reactor.callFromThread(returned, ok, result), work)
+        finally:
+            self._startWaiting()
 
     def callInReactor(self, f: Callable[..., Any], *args: Any) -> Any:
         return blockingCallFromThread(self._reactor, f, *args)
@@ -162,13 +192,15 @@ class InlineThreads:
     size = 1
     busy = 0
 
-    def run(self, work: Callable[[], Any], done: Callable[[bool, Any], None]) -> None:
+    def run(self, work: Callable[[], Any],
+            done: Callable[[bool, Any], None]) -> Callable[[], bool]:
         try:
             result = work()
         except BaseException:
             done(False, Failure())
-            return
-        done(True, result)
+        else:
+            done(True, result)
+        return lambda: False  # it has run already
 
     def callInReactor(self, f: Callable[..., Any], *args: Any) -> Any:
         outcome: list[Any] = []
@@ -270,7 +302,15 @@ class HandlerCalls:
         threadStream = ThreadStream(stream, self.threads)
         # Cancelling cannot stop the thread: it sets the flag and the Deferred fails at once
         # (so the runtime answers and acks now); whatever the thread returns later is dropped.
-        ended: Deferred[Any] = Deferred(lambda _: threadStream.cancelled.set())
+        # A call still waiting for a thread is forgotten: it never runs.
+        forget: list[Callable[[], bool]] = []
+
+        def cancel(_: Deferred[Any]) -> None:
+            threadStream.cancelled.set()
+            if forget:
+                forget[0]()
+
+        ended: Deferred[Any] = Deferred(cancel)
         endedAt: list[float] = []
         ended.addBoth(_noteEnd, endedAt, self._clock)
 
@@ -289,7 +329,7 @@ class HandlerCalls:
                          requestType=handler.requestType,
                          late=self._clock.seconds() - endedAt[0])
 
-        self.threads.run(work, done)
+        forget.append(self.threads.run(work, done))
         return ended
 
 

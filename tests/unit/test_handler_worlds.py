@@ -492,6 +492,36 @@ async def test_a_request_that_ends_while_it_waits_for_a_thread_never_runs() -> N
         await runtime.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_requests_that_end_waiting_for_a_thread_do_not_pile_up() -> None:
+    """All threads held by a call that never returns: every later request waits, ends
+    (cancel, deadline), is acked, and the broker sends the next; the ended ones must not stay
+    queued (with their payloads) until a thread frees."""
+    from twisted.internet import reactor
+
+    bus = FakeWorkerBus()
+    handler = Looping(checks=False)
+    runtime = WorkerRuntime(bus, {"looping": handler}, reactor, concurrency=2, threads=1)
+    runtime.startService()
+    threads = runtime._calls.threads
+    assert isinstance(threads, PooledThreads)
+    try:
+        deliver(runtime, bus, "stuck", None, "looping")
+        await until(lambda: handler.outcome == ["started"], "the stuck call")
+        for n in range(50):
+            deliver(runtime, bus, f"q{n}", {"blob": "x" * 10_000}, "looping")
+            runtime.cancelReceived(_cancel(f"q{n}", "looping"))
+        assert len(bus.settled) == 50  # all answered and acked
+        assert threads._pool._team.statistics().backloggedWorkCount == 0
+        assert threads.busy == 1  # only the stuck call
+        handler.release.set()
+        await until(lambda: threads.busy == 0, "the stuck call to return")
+        assert handler.outcome == ["started", "returned"]  # none of the 50 ran
+    finally:
+        handler.release.set()
+        await runtime.stopService()
+
+
 def _cancel(correlationId: str, requestType: str) -> Any:
     from relaybus.messages import CancelNotice
 
