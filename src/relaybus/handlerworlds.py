@@ -300,42 +300,52 @@ class HandlerCalls:
     def _inThread(self, handler: IRequestHandler, request: Any,
                   stream: IRequestStream) -> Deferred[Any]:
         threadStream = ThreadStream(stream, self.threads)
-        # Cancelling cannot stop the thread: it sets the flag and the Deferred fails at once
-        # (so the runtime answers and acks now); whatever the thread returns later is dropped.
-        # A call still waiting for a thread is forgotten: it never runs.
+        # Cancelling cannot stop the thread: it sets the flag, and the runtime answers and
+        # acks now. The Deferred then waits (paused, as Deferred.fromFuture does for a Task)
+        # until the thread returns, so whenStoppedHandlersEnd and the shutdown grace see the
+        # thread's work end; what it returns then is dropped. A call still waiting for a
+        # thread is forgotten: it never runs.
         forget: list[Callable[[], bool]] = []
+        returned: list[Deferred[Any]] = []  # after a cancel: fires when the thread returns
+        endedAt: list[float] = []
+        ran: list[bool] = []
 
-        def cancel(_: Deferred[Any]) -> None:
+        def cancel(ended: Deferred[Any]) -> None:
             threadStream.cancelled.set()
-            if forget:
-                forget[0]()
+            if forget and forget[0]():
+                return  # never ran: Deferred.cancel fails it with CancelledError
+            endedAt.append(self._clock.seconds())
+            ended.callback(_STOPPED)
+
+        def untilReturned(result: Any) -> Any:
+            if result is _STOPPED:
+                returned.append(Deferred())
+                return returned[0]
+            return result
 
         ended: Deferred[Any] = Deferred(cancel)
-        endedAt: list[float] = []
-        ended.addBoth(_noteEnd, endedAt, self._clock)
+        ended.addCallback(untilReturned)
 
         def work() -> Any:
-            if threadStream.cancelled.is_set():  # it ended while it waited for a thread
+            if threadStream.cancelled.is_set():  # it ended just before it got its thread
                 return None
+            ran.append(True)
             return handler.handle(request, threadStream)
 
         def done(ok: bool, result: Any) -> None:
-            if not ended.called:
-                ended.callback(result) if ok else ended.errback(result)
-                return
-            if threadStream.cancelled.is_set() and endedAt:
+            target = returned[0] if returned else ended
+            if returned and ran:
                 log.info("A blocking {requestType} call returned {late:.1f} s after its "
                          "request ended; its result was dropped",
                          requestType=handler.requestType,
                          late=self._clock.seconds() - endedAt[0])
+            target.callback(result) if ok else target.errback(result)
 
         forget.append(self.threads.run(work, done))
         return ended
 
 
-def _noteEnd(result: Any, endedAt: list[float], clock: Any) -> Any:
-    endedAt.append(clock.seconds())
-    return result
+_STOPPED = object()  # what a cancelled thread call's Deferred pauses on
 
 
 def _awaitCoroutine(result: Any) -> Any:

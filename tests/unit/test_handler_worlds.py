@@ -522,6 +522,26 @@ async def test_requests_that_end_waiting_for_a_thread_do_not_pile_up() -> None:
         await runtime.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_handler_is_done_only_once_its_thread_returns() -> None:
+    """run.handlerDone() (and the shutdown grace) wait for a cancelled blocking call's thread,
+    as they do for a cancelled Task, while the request is answered at once."""
+    from twisted.internet import reactor
+
+    handler = Looping(checks=False)
+    run = runHandler(handler, None, clock=reactor)
+    await until(lambda: handler.outcome == ["started"], "the thread to start")
+    run.cancel()
+    assert run.outcome.errorCode == "cancelled"
+    done = run.handlerDone()
+    try:
+        assert not done.called, "handlerDone fired while the handler still runs in its thread"
+    finally:
+        handler.release.set()
+    await done
+    assert handler.outcome == ["started", "returned"]
+
+
 def _cancel(correlationId: str, requestType: str) -> Any:
     from relaybus.messages import CancelNotice
 
