@@ -255,18 +255,48 @@ def _asFuture(d: Deferred[Any], loop: asyncio.AbstractEventLoop) -> asyncio.Futu
 @implementer(IRequestStream)
 class ThreadStream:
     """The stream a blocking handler gets in its thread: sendChunk blocks until the chunk is
-    published, and raises CancelledError once its request has ended (how a blocking handler
-    learns it should stop; it may also poll `cancelled`)."""
+    published, and raises CancelledError once its request has ended, even while it waits for
+    a publish (how a blocking handler learns it should stop; it may also poll `cancelled`)."""
 
     def __init__(self, stream: IRequestStream, threads: ThreadRunner) -> None:
         self._stream = stream
         self._threads = threads
         self.cancelled = threading.Event()
+        self._waiting: set[Deferred[None]] = set()  # on the reactor: publishes a thread awaits
 
     def sendChunk(self, data: Any) -> None:
         if self.cancelled.is_set():
-            raise CancelledError("the request has ended (cancelled, timed out or shut down)")
-        self._threads.callInReactor(self._stream.sendChunk, data)
+            raise _ended()
+        self._threads.callInReactor(self._publish, data)
+
+    def _publish(self, data: Any) -> Deferred[None]:
+        """On the reactor: the chunk's publish, or CancelledError as soon as the request ends
+        (the publish itself is never cancelled: pika's Deferreds must not be)."""
+        if self.cancelled.is_set():
+            raise _ended()
+        published = self._stream.sendChunk(data)
+        waiting: Deferred[None] = Deferred()
+        self._waiting.add(waiting)
+
+        def relay(result: Any) -> None:
+            self._waiting.discard(waiting)
+            if not waiting.called:
+                waiting.errback(result) if isinstance(result, Failure) else waiting.callback(None)
+
+        published.addBoth(relay)
+        return waiting
+
+    def end(self) -> None:
+        """On the reactor, when the request ends: tell the thread, and let go of a thread
+        blocked on a publish."""
+        self.cancelled.set()
+        for waiting in list(self._waiting):
+            self._waiting.discard(waiting)
+            waiting.errback(_ended())
+
+
+def _ended() -> CancelledError:
+    return CancelledError("the request has ended (cancelled, timed out or shut down)")
 
 
 class HandlerCalls:
@@ -311,7 +341,7 @@ class HandlerCalls:
         ran: list[bool] = []
 
         def cancel(ended: Deferred[Any]) -> None:
-            threadStream.cancelled.set()
+            threadStream.end()
             if forget and forget[0]():
                 return  # never ran: Deferred.cancel fails it with CancelledError
             endedAt.append(self._clock.seconds())

@@ -542,6 +542,56 @@ async def test_the_handler_is_done_only_once_its_thread_returns() -> None:
     assert handler.outcome == ["started", "returned"]
 
 
+class HoldingBus(FakeWorkerBus):
+    """Chunk publishes are never confirmed (a broker under a resource alarm); final replies
+    go through."""
+
+    def publishReply(self, reply: Any) -> Deferred[None]:
+        if reply.kind is ReplyKind.CHUNK:
+            return Deferred()
+        return super().publishReply(reply)
+
+
+@implementer(IRequestHandler)
+class SendsOnce:
+    requestType = "sendsOnce"
+    idempotent = False
+    runsIn = "thread"
+
+    def __init__(self) -> None:
+        self.outcome: list[str] = []
+
+    def handle(self, request: Any, stream: Any) -> Any:
+        self.outcome.append("sending")
+        try:
+            stream.sendChunk("one")
+        except CancelledError:
+            self.outcome.append("cancelled")
+            raise
+        self.outcome.append("sent")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_blocking_handler_waiting_on_a_chunk_is_released_when_its_request_ends() -> None:
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    bus = HoldingBus()
+    handler = SendsOnce()
+    runtime = WorkerRuntime(bus, {"sendsOnce": handler}, reactor, threads=1)
+    runtime.startService()
+    try:
+        deliver(runtime, bus, "held", None, "sendsOnce")
+        await until(lambda: handler.outcome == ["sending"], "the thread to send")
+        await deferLater(reactor, 0.05, lambda: None)  # ... and to wait for the publish
+        runtime.cancelReceived(_cancel("held", "sendsOnce"))
+        assert bus.settled == {"held": "ack"}
+        await until(lambda: len(handler.outcome) == 2, "the thread to leave sendChunk")
+        assert handler.outcome == ["sending", "cancelled"]
+    finally:
+        await runtime.stopService()
+
+
 def _cancel(correlationId: str, requestType: str) -> Any:
     from relaybus.messages import CancelNotice
 
