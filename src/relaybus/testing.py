@@ -555,11 +555,16 @@ class HandlerRun:
         self._ended()
 
     def _ended(self) -> None:
-        if self.runtime.running:
-            self.runtime.stopService()  # lets the thread pool go
+        # Let the thread pool go once a stopped handler's own work has ended too: stopping at
+        # once would leave the runtime's 2 s grace timer behind (trial: a dirty reactor).
+        self.runtime.whenStoppedHandlersEnd().addCallback(self._stopRuntime)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(self.outcome)
+
+    def _stopRuntime(self, _: object) -> None:
+        if self.runtime.running:
+            self.runtime.stopService()
 
 
 _runNumbers = itertools.count(1)

@@ -220,4 +220,4 @@ def test_the_kit_works_under_trial(tmp_path: Path) -> None:
          "trial_kit_cases"], cwd=tmp_path, env=env, capture_output=True, text=True,
         timeout=90)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "PASSED (successes=3)" in result.stdout, result.stdout
+    assert "PASSED (successes=4)" in result.stdout, result.stdout
