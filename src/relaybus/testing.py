@@ -545,9 +545,13 @@ class HandlerRun:
                             "deadline passes by itself (timeoutS)")
         self.clock.advance(max(0.0, self.message.deadline - self.clock.seconds()))
 
-    def shutDown(self) -> Deferred[None]:
-        """The worker's SIGTERM: drain (drainTimeoutS, on the clock), then hand back."""
-        return cast("Deferred[None]", self.runtime.stopService())
+    def shutDown(self) -> Any:
+        """The worker's SIGTERM: drain (drainTimeoutS, on the clock), then hand back.
+        Awaitable once the runtime has stopped: same kinds as finished()."""
+        d = cast("Deferred[None]", self.runtime.stopService())
+        if _inAsyncioTask():
+            return Deferred.asFuture(d, asyncio.get_running_loop())
+        return d
 
     def _settle(self, requeue: bool) -> None:
         assert self._settled is None, "the request was settled twice"

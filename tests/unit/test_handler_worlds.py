@@ -252,9 +252,8 @@ def test_a_drain_that_times_out_cancels_the_task_and_waits_for_its_finally() -> 
         stopped = run.shutDown()
         run.clock.advance(1)  # the drain timeout
         assert run.outcome.settled == "requeue"  # handed back, unanswered
-        assert not stopped.called  # ... and the runtime waits for the Task to end
-        await asyncio.wait_for(Deferred.asFuture(stopped, asyncio.get_running_loop()),
-                               TIMEOUT_S)
+        assert not stopped.done()  # ... and the runtime waits for the Task to end
+        await asyncio.wait_for(stopped, TIMEOUT_S)  # awaitable in a Task, like finished()
         assert handler.events[-2:] == ["cancelled", "finally"]
 
     asyncio.run(scenario())
