@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -36,8 +37,9 @@ WORLDS = (TWISTED, ASYNCIO, THREAD)
 DEFAULT_THREADS = 10
 
 # A hint for the mistake this module exists for: an asyncio await inside a handler that the
-# runtime drives with Deferreds.
-ASYNCIO_ON_REACTOR = "await wasn't used with future"
+# runtime drives with Deferreds. Under the asyncio reactor the awaited future is not driven;
+# under any other reactor (twistd's default) asyncio finds no running loop at all.
+ASYNCIO_ON_REACTOR = ("await wasn't used with future", "no running event loop")
 
 
 class HandlerWorldError(ValueError):
@@ -101,9 +103,11 @@ def checkWorlds(handlers: Mapping[str, IRequestHandler], reactor: Any,
 class ThreadRunner(Protocol):
     """How thread handlers get a thread, and how their code gets back to the reactor."""
 
-    def run(self, work: Callable[[], Any], done: Callable[[bool, Any], None]) -> None:
+    def run(self, work: Callable[[], Any],
+            done: Callable[[bool, Any], None]) -> Callable[[], bool]:
         """Call work() in a thread; then done(True, result) or done(False, Failure) on the
-        reactor."""
+        reactor. Returns `forget`: True if the call was still waiting for a thread and now
+        never runs (nor calls done)."""
 
     def callInReactor(self, f: Callable[..., Any], *args: Any) -> Any:
         """From a handler's thread: f(*args) on the reactor, waiting for its Deferred."""
@@ -118,26 +122,53 @@ def _daemonThread(*args: Any, **kwargs: Any) -> threading.Thread:
 
 
 class PooledThreads:
-    """A bounded pool of daemon threads (`--threads N`)."""
+    """A bounded pool of daemon threads (`--threads N`).
+
+    Calls wait for a thread here, on the reactor, not in the pool's own queue: a request that
+    ends while it waits is forgotten at once (with its payload), while all threads are held by
+    calls that never return."""
 
     def __init__(self, reactor: Any, size: int) -> None:
         self._reactor = reactor
         self._pool = ThreadPool(0, size, name="relaybus-handlers")
         self._pool.threadFactory = _daemonThread  # type: ignore[assignment]
         self.size = size
-        self.busy = 0  # calls handed to the pool that have not returned
+        self._inThreads = 0  # calls handed to a thread that have not returned
+        self._waiting: dict[int, tuple[Callable[[], Any], Callable[[bool, Any], None]]] = {}
+        self._numbers = itertools.count()
 
-    def run(self, work: Callable[[], Any], done: Callable[[bool, Any], None]) -> None:
-        if not self._pool.started:
-            self._pool.start()
-        self.busy += 1
+    @property
+    def busy(self) -> int:
+        """Calls not returned yet: in a thread, or waiting for one."""
+        return self._inThreads + len(self._waiting)
 
-        def returned(ok: bool, result: Any) -> None:
-            self.busy -= 1
+    def run(self, work: Callable[[], Any],
+            done: Callable[[bool, Any], None]) -> Callable[[], bool]:
+        number = next(self._numbers)
+        self._waiting[number] = (work, done)
+        self._startWaiting()
+        return lambda: self._waiting.pop(number, None) is not None
+
+    def _startWaiting(self) -> None:
+        while self._waiting and self._inThreads < self.size:
+            work, done = self._waiting.pop(next(iter(self._waiting)))
+            if not self._pool.started:
+                self._pool.start()
+            self._inThreads += 1
+            self._pool.callInThreadWithCallback(self._fromThread(done), work)
+
+    def _fromThread(self, done: Callable[[bool, Any], None]) -> Callable[[bool, Any], None]:
+        def returned(ok: bool, result: Any) -> None:  # in the thread
+            self._reactor.callFromThread(self._returned, done, ok, result)
+
+        return returned
+
+    def _returned(self, done: Callable[[bool, Any], None], ok: bool, result: Any) -> None:
+        self._inThreads -= 1
+        try:
             done(ok, result)
-
-        self._pool.callInThreadWithCallback(
-            lambda ok, result: self._reactor.callFromThread(returned, ok, result), work)
+        finally:
+            self._startWaiting()
 
     def callInReactor(self, f: Callable[..., Any], *args: Any) -> Any:
         return blockingCallFromThread(self._reactor, f, *args)
@@ -161,13 +192,15 @@ class InlineThreads:
     size = 1
     busy = 0
 
-    def run(self, work: Callable[[], Any], done: Callable[[bool, Any], None]) -> None:
+    def run(self, work: Callable[[], Any],
+            done: Callable[[bool, Any], None]) -> Callable[[], bool]:
         try:
             result = work()
         except BaseException:
             done(False, Failure())
-            return
-        done(True, result)
+        else:
+            done(True, result)
+        return lambda: False  # it has run already
 
     def callInReactor(self, f: Callable[..., Any], *args: Any) -> Any:
         outcome: list[Any] = []
@@ -222,18 +255,48 @@ def _asFuture(d: Deferred[Any], loop: asyncio.AbstractEventLoop) -> asyncio.Futu
 @implementer(IRequestStream)
 class ThreadStream:
     """The stream a blocking handler gets in its thread: sendChunk blocks until the chunk is
-    published, and raises CancelledError once its request has ended (how a blocking handler
-    learns it should stop; it may also poll `cancelled`)."""
+    published, and raises CancelledError once its request has ended, even while it waits for
+    a publish (how a blocking handler learns it should stop; it may also poll `cancelled`)."""
 
     def __init__(self, stream: IRequestStream, threads: ThreadRunner) -> None:
         self._stream = stream
         self._threads = threads
         self.cancelled = threading.Event()
+        self._waiting: set[Deferred[None]] = set()  # on the reactor: publishes a thread awaits
 
     def sendChunk(self, data: Any) -> None:
         if self.cancelled.is_set():
-            raise CancelledError("the request has ended (cancelled, timed out or shut down)")
-        self._threads.callInReactor(self._stream.sendChunk, data)
+            raise _ended()
+        self._threads.callInReactor(self._publish, data)
+
+    def _publish(self, data: Any) -> Deferred[None]:
+        """On the reactor: the chunk's publish, or CancelledError as soon as the request ends
+        (the publish itself is never cancelled: pika's Deferreds must not be)."""
+        if self.cancelled.is_set():
+            raise _ended()
+        published = self._stream.sendChunk(data)
+        waiting: Deferred[None] = Deferred()
+        self._waiting.add(waiting)
+
+        def relay(result: Any) -> None:
+            self._waiting.discard(waiting)
+            if not waiting.called:
+                waiting.errback(result) if isinstance(result, Failure) else waiting.callback(None)
+
+        published.addBoth(relay)
+        return waiting
+
+    def end(self) -> None:
+        """On the reactor, when the request ends: tell the thread, and let go of a thread
+        blocked on a publish."""
+        self.cancelled.set()
+        for waiting in list(self._waiting):
+            self._waiting.discard(waiting)
+            waiting.errback(_ended())
+
+
+def _ended() -> CancelledError:
+    return CancelledError("the request has ended (cancelled, timed out or shut down)")
 
 
 class HandlerCalls:
@@ -267,34 +330,52 @@ class HandlerCalls:
     def _inThread(self, handler: IRequestHandler, request: Any,
                   stream: IRequestStream) -> Deferred[Any]:
         threadStream = ThreadStream(stream, self.threads)
-        # Cancelling cannot stop the thread: it sets the flag and the Deferred fails at once
-        # (so the runtime answers and acks now); whatever the thread returns later is dropped.
-        ended: Deferred[Any] = Deferred(lambda _: threadStream.cancelled.set())
+        # Cancelling cannot stop the thread: it sets the flag, and the runtime answers and
+        # acks now. The Deferred then waits (paused, as Deferred.fromFuture does for a Task)
+        # until the thread returns, so whenStoppedHandlersEnd and the shutdown grace see the
+        # thread's work end; what it returns then is dropped. A call still waiting for a
+        # thread is forgotten: it never runs.
+        forget: list[Callable[[], bool]] = []
+        returned: list[Deferred[Any]] = []  # after a cancel: fires when the thread returns
         endedAt: list[float] = []
-        ended.addBoth(_noteEnd, endedAt, self._clock)
+        ran: list[bool] = []
+
+        def cancel(ended: Deferred[Any]) -> None:
+            threadStream.end()
+            if forget and forget[0]():
+                return  # never ran: Deferred.cancel fails it with CancelledError
+            endedAt.append(self._clock.seconds())
+            ended.callback(_STOPPED)
+
+        def untilReturned(result: Any) -> Any:
+            if result is _STOPPED:
+                returned.append(Deferred())
+                return returned[0]
+            return result
+
+        ended: Deferred[Any] = Deferred(cancel)
+        ended.addCallback(untilReturned)
 
         def work() -> Any:
-            if threadStream.cancelled.is_set():  # it ended while it waited for a thread
+            if threadStream.cancelled.is_set():  # it ended just before it got its thread
                 return None
+            ran.append(True)
             return handler.handle(request, threadStream)
 
         def done(ok: bool, result: Any) -> None:
-            if not ended.called:
-                ended.callback(result) if ok else ended.errback(result)
-                return
-            if threadStream.cancelled.is_set() and endedAt:
+            target = returned[0] if returned else ended
+            if returned and ran:
                 log.info("A blocking {requestType} call returned {late:.1f} s after its "
                          "request ended; its result was dropped",
                          requestType=handler.requestType,
                          late=self._clock.seconds() - endedAt[0])
+            target.callback(result) if ok else target.errback(result)
 
-        self.threads.run(work, done)
+        forget.append(self.threads.run(work, done))
         return ended
 
 
-def _noteEnd(result: Any, endedAt: list[float], clock: Any) -> Any:
-    endedAt.append(clock.seconds())
-    return result
+_STOPPED = object()  # what a cancelled thread call's Deferred pauses on
 
 
 def _awaitCoroutine(result: Any) -> Any:

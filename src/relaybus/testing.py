@@ -545,9 +545,13 @@ class HandlerRun:
                             "deadline passes by itself (timeoutS)")
         self.clock.advance(max(0.0, self.message.deadline - self.clock.seconds()))
 
-    def shutDown(self) -> Deferred[None]:
-        """The worker's SIGTERM: drain (drainTimeoutS, on the clock), then hand back."""
-        return cast("Deferred[None]", self.runtime.stopService())
+    def shutDown(self) -> Any:
+        """The worker's SIGTERM: drain (drainTimeoutS, on the clock), then hand back.
+        Awaitable once the runtime has stopped: same kinds as finished()."""
+        d = cast("Deferred[None]", self.runtime.stopService())
+        if _inAsyncioTask():
+            return Deferred.asFuture(d, asyncio.get_running_loop())
+        return d
 
     def _settle(self, requeue: bool) -> None:
         assert self._settled is None, "the request was settled twice"
@@ -555,11 +559,16 @@ class HandlerRun:
         self._ended()
 
     def _ended(self) -> None:
-        if self.runtime.running:
-            self.runtime.stopService()  # lets the thread pool go
+        # Let the thread pool go once a stopped handler's own work has ended too: stopping at
+        # once would leave the runtime's 2 s grace timer behind (trial: a dirty reactor).
+        self.runtime.whenStoppedHandlersEnd().addCallback(self._stopRuntime)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(self.outcome)
+
+    def _stopRuntime(self, _: object) -> None:
+        if self.runtime.running:
+            self.runtime.stopService()
 
 
 _runNumbers = itertools.count(1)

@@ -370,8 +370,8 @@ class WorkerRuntime(Service):
         message = running.delivery.message
         try:
             if isinstance(result, Failure):
-                kind, body = ReplyKind.ERROR, encodeJSON(
-                    _errorReply(result, message.correlationId))
+                kind, body = ReplyKind.ERROR, encodeJSON(_errorReply(
+                    result, message.correlationId, self._worlds[message.requestType]))
             else:
                 kind, body = ReplyKind.RESPONSE, encodeJSON(result)
         except Exception as e:  # whatever happens, the request gets a final reply and a settle
@@ -436,7 +436,8 @@ def _claims(body: bytes | None) -> Mapping[str, Any]:
     return claims if isinstance(claims, dict) else {}
 
 
-def _errorReply(failure: Failure, correlationId: str) -> dict[str, str | int]:
+def _errorReply(failure: Failure, correlationId: str,
+                world: str = TWISTED) -> dict[str, str | int]:
     error = failure.value
     if isinstance(error, ReplyRefusedError):
         # Raised by the handler itself: a refused chunk ends its request before the handler
@@ -452,7 +453,8 @@ def _errorReply(failure: Failure, correlationId: str) -> dict[str, str | int]:
                  why=error.message)
         return {"code": "handler_error", "message": "the worker lost the message broker"}
     hint = ""
-    if isinstance(error, RuntimeError) and ASYNCIO_ON_REACTOR in str(error):
+    if (world == TWISTED and isinstance(error, RuntimeError)
+            and any(sign in str(error) for sign in ASYNCIO_ON_REACTOR)):
         hint = ("\n(it awaited an asyncio object on the reactor: declare runsIn = \"asyncio\" "
                 "on the handler and run it under `twistd -r asyncio`; docs/workers.md)")
     log.error("Handler failed for {correlationId}:\n{tb}{hint}", correlationId=correlationId,

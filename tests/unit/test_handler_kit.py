@@ -185,6 +185,20 @@ async def test_cancelling_async_ticker_stops_its_producer() -> None:
     assert handler.producersRunning == 0
 
 
+@pytest.mark.asyncio
+async def test_a_shutdown_is_awaitable_under_pytest_asyncio() -> None:
+    handler = asyncio_examples.AsyncTickerHandler()
+    run = runHandler(handler, {"count": 1000, "intervalMs": 1}, drainTimeoutS=1)
+    while len(run.chunks) < 2:
+        await asyncio.sleep(0.001)
+    stopped = run.shutDown()
+    run.clock.advance(1)  # the drain timeout, on the kit's Clock
+    await asyncio.wait_for(stopped, TIMEOUT_S)
+    assert run.outcome.settled == "requeue"
+    await asyncio.sleep(0)  # the producer's own cancellation lands one loop turn later
+    assert handler.producersRunning == 0
+
+
 # Under pytest-twisted, with the real reactor: real time, real threads
 
 
@@ -220,4 +234,4 @@ def test_the_kit_works_under_trial(tmp_path: Path) -> None:
          "trial_kit_cases"], cwd=tmp_path, env=env, capture_output=True, text=True,
         timeout=90)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "PASSED (successes=3)" in result.stdout, result.stdout
+    assert "PASSED (successes=4)" in result.stdout, result.stdout

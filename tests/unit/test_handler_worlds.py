@@ -252,9 +252,8 @@ def test_a_drain_that_times_out_cancels_the_task_and_waits_for_its_finally() -> 
         stopped = run.shutDown()
         run.clock.advance(1)  # the drain timeout
         assert run.outcome.settled == "requeue"  # handed back, unanswered
-        assert not stopped.called  # ... and the runtime waits for the Task to end
-        await asyncio.wait_for(Deferred.asFuture(stopped, asyncio.get_running_loop()),
-                               TIMEOUT_S)
+        assert not stopped.done()  # ... and the runtime waits for the Task to end
+        await asyncio.wait_for(stopped, TIMEOUT_S)  # awaitable in a Task, like finished()
         assert handler.events[-2:] == ["cancelled", "finally"]
 
     asyncio.run(scenario())
@@ -281,6 +280,23 @@ def test_awaiting_asyncio_on_the_reactor_logs_the_fix() -> None:
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert outcome.errorCode == "handler_error"
+    hints = [e for e in events if 'declare runsIn = "asyncio"' in str(e.get("hint", ""))]
+    assert hints, "no log line tells the author what to change"
+
+
+def test_awaiting_asyncio_on_the_default_reactor_logs_the_fix_too() -> None:
+    """Under twistd's default reactor no asyncio loop runs: asyncio says 'no running event loop'
+    (here: a Clock, no loop), and the log still names the fix."""
+    async def awaitsAsyncio(request: Any, stream: IRequestStream) -> Any:
+        await asyncio.sleep(0.01)
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        run = runHandler(Handler(awaitsAsyncio), None)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert run.outcome.errorCode == "handler_error"
     hints = [e for e in events if 'declare runsIn = "asyncio"' in str(e.get("hint", ""))]
     assert hints, "no log line tells the author what to change"
 
@@ -472,6 +488,106 @@ async def test_a_request_that_ends_while_it_waits_for_a_thread_never_runs() -> N
         assert handler.outcome == ["started", "returned"]  # "queued" never ran
     finally:
         handler.release.set()
+        await runtime.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_that_end_waiting_for_a_thread_do_not_pile_up() -> None:
+    """All threads held by a call that never returns: every later request waits, ends
+    (cancel, deadline), is acked, and the broker sends the next; the ended ones must not stay
+    queued (with their payloads) until a thread frees."""
+    from twisted.internet import reactor
+
+    bus = FakeWorkerBus()
+    handler = Looping(checks=False)
+    runtime = WorkerRuntime(bus, {"looping": handler}, reactor, concurrency=2, threads=1)
+    runtime.startService()
+    threads = runtime._calls.threads
+    assert isinstance(threads, PooledThreads)
+    try:
+        deliver(runtime, bus, "stuck", None, "looping")
+        await until(lambda: handler.outcome == ["started"], "the stuck call")
+        for n in range(50):
+            deliver(runtime, bus, f"q{n}", {"blob": "x" * 10_000}, "looping")
+            runtime.cancelReceived(_cancel(f"q{n}", "looping"))
+        assert len(bus.settled) == 50  # all answered and acked
+        assert threads._pool._team.statistics().backloggedWorkCount == 0
+        assert threads.busy == 1  # only the stuck call
+        handler.release.set()
+        await until(lambda: threads.busy == 0, "the stuck call to return")
+        assert handler.outcome == ["started", "returned"]  # none of the 50 ran
+    finally:
+        handler.release.set()
+        await runtime.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_handler_is_done_only_once_its_thread_returns() -> None:
+    """run.handlerDone() (and the shutdown grace) wait for a cancelled blocking call's thread,
+    as they do for a cancelled Task, while the request is answered at once."""
+    from twisted.internet import reactor
+
+    handler = Looping(checks=False)
+    run = runHandler(handler, None, clock=reactor)
+    await until(lambda: handler.outcome == ["started"], "the thread to start")
+    run.cancel()
+    assert run.outcome.errorCode == "cancelled"
+    done = run.handlerDone()
+    try:
+        assert not done.called, "handlerDone fired while the handler still runs in its thread"
+    finally:
+        handler.release.set()
+    await done
+    assert handler.outcome == ["started", "returned"]
+
+
+class HoldingBus(FakeWorkerBus):
+    """Chunk publishes are never confirmed (a broker under a resource alarm); final replies
+    go through."""
+
+    def publishReply(self, reply: Any) -> Deferred[None]:
+        if reply.kind is ReplyKind.CHUNK:
+            return Deferred()
+        return super().publishReply(reply)
+
+
+@implementer(IRequestHandler)
+class SendsOnce:
+    requestType = "sendsOnce"
+    idempotent = False
+    runsIn = "thread"
+
+    def __init__(self) -> None:
+        self.outcome: list[str] = []
+
+    def handle(self, request: Any, stream: Any) -> Any:
+        self.outcome.append("sending")
+        try:
+            stream.sendChunk("one")
+        except CancelledError:
+            self.outcome.append("cancelled")
+            raise
+        self.outcome.append("sent")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_blocking_handler_waiting_on_a_chunk_is_released_when_its_request_ends() -> None:
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    bus = HoldingBus()
+    handler = SendsOnce()
+    runtime = WorkerRuntime(bus, {"sendsOnce": handler}, reactor, threads=1)
+    runtime.startService()
+    try:
+        deliver(runtime, bus, "held", None, "sendsOnce")
+        await until(lambda: handler.outcome == ["sending"], "the thread to send")
+        await deferLater(reactor, 0.05, lambda: None)  # ... and to wait for the publish
+        runtime.cancelReceived(_cancel("held", "sendsOnce"))
+        assert bus.settled == {"held": "ack"}
+        await until(lambda: len(handler.outcome) == 2, "the thread to leave sendChunk")
+        assert handler.outcome == ["sending", "cancelled"]
+    finally:
         await runtime.stopService()
 
 

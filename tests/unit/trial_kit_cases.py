@@ -35,3 +35,10 @@ class KitUnderTrial(TestCase):
         run = runHandler(blocking_examples.slowDigest, {"steps": 2, "roundsPerStep": 100},
                          clock=reactor, threads=1)
         return run.finished().addCallback(lambda outcome: self.assertTrue(outcome.ok))
+
+    def test_cancelling_a_blocking_handler_leaves_the_reactor_clean(self) -> Any:
+        run = runHandler(blocking_examples.slowDigest, {"steps": 5, "roundsPerStep": 300_000},
+                         clock=reactor, threads=1)
+        reactor.callLater(0.05, run.cancel)
+        return run.finished().addCallback(
+            lambda outcome: self.assertEqual(outcome.errorCode, "cancelled"))
