@@ -305,6 +305,13 @@ class HandlerCalls:
     def __init__(self, threads: PooledThreads | InlineThreads, clock: Any) -> None:
         self.threads = threads
         self._clock = clock
+        # Thread calls whose request ended but whose thread has not returned: they hold a
+        # thread each, and when they hold every one, no thread request can run here.
+        self.abandonedInThreads = 0
+
+    @property
+    def threadsAllHeld(self) -> bool:
+        return self.abandonedInThreads >= self.threads.size
 
     def call(self, handler: IRequestHandler, request: Any, stream: IRequestStream,
              world: str) -> Deferred[Any]:
@@ -345,6 +352,7 @@ class HandlerCalls:
             if forget and forget[0]():
                 return  # never ran: Deferred.cancel fails it with CancelledError
             endedAt.append(self._clock.seconds())
+            self.abandonedInThreads += 1
             ended.callback(_STOPPED)
 
         def untilReturned(result: Any) -> Any:
@@ -364,6 +372,8 @@ class HandlerCalls:
 
         def done(ok: bool, result: Any) -> None:
             target = returned[0] if returned else ended
+            if returned:
+                self.abandonedInThreads -= 1
             if returned and ran:
                 log.info("A blocking {requestType} call returned {late:.1f} s after its "
                          "request ended; its result was dropped",

@@ -132,6 +132,7 @@ class WorkerRuntime(Service):
         # Handlers stopped by the runtime whose work has not ended yet (an asyncio Task still
         # running its finally blocks): what a drain that timed out waits a little for.
         self._stopping: set[Deferred[Any]] = set()
+        self._threadsHeldLogged = False
         self._concurrency = concurrency
         self._drainTimeoutS = drainTimeoutS
         self._running: dict[str, _Running] = {}
@@ -267,6 +268,13 @@ class WorkerRuntime(Service):
             self._replyError(delivery, ErrorCode.WORKER_LOST,
                              "the worker handling this request was lost; it was not retried")
             return
+        if self._worlds[message.requestType] == THREAD and self._threadsAllHeld():
+            # Waiting would end it with timeout at its deadline; overloaded now lets the
+            # client retry, and the worker's other requests (other worlds) go on.
+            self._replyError(delivery, ErrorCode.OVERLOADED,
+                             "every thread of this worker is held by a blocking handler call "
+                             "that outlived its request")
+            return
         try:
             payload = decodeJSON(message.body)
         except (ValueError, UnicodeDecodeError):
@@ -308,6 +316,16 @@ class WorkerRuntime(Service):
             self._settle(delivery, Settlement.RELEASE)
 
     # Internals
+
+    def _threadsAllHeld(self) -> bool:
+        """True while stuck blocking calls hold every thread; logged once per episode."""
+        held = self._calls.threadsAllHeld
+        if held and not self._threadsHeldLogged:
+            log.warn("All {threads} handler threads are held by blocking calls that outlived "
+                     "their requests: thread requests are answered overloaded until one "
+                     "returns", threads=self._calls.threads.size)
+        self._threadsHeldLogged = held
+        return held
 
     def _chunkRefused(self, running: _Running) -> None:
         log.warn("The broker refused a chunk of {correlationId}: ending the request",

@@ -522,6 +522,49 @@ async def test_requests_that_end_waiting_for_a_thread_do_not_pile_up() -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_with_every_thread_held_by_an_abandoned_call_thread_requests_get_overloaded(
+) -> None:
+    """Stuck calls that outlived their requests hold both threads: a new thread request is
+    answered overloaded at once (not timeout at its deadline); other worlds go on; once a
+    thread returns, thread requests run again."""
+    from twisted.internet import reactor
+
+    bus = FakeWorkerBus()
+    stuck = Looping(checks=False)
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    runtime = WorkerRuntime(bus, {"looping": stuck, "t": Handler(plain, requestType="t")},
+                            reactor, concurrency=10, threads=2)
+    runtime.startService()
+    try:
+        for name in ("s1", "s2"):
+            deliver(runtime, bus, name, None, "looping")
+        await until(lambda: stuck.outcome == ["started", "started"], "both threads held")
+        deliver(runtime, bus, "waits", None, "looping")  # not all held yet: it waits
+        assert "waits" not in bus.settled
+        for name in ("s1", "s2"):
+            runtime.cancelReceived(_cancel(name, "looping"))
+        for n in range(3):
+            deliver(runtime, bus, f"o{n}", None, "looping")
+        deliver(runtime, bus, "other", None, "t")
+        codes = {r.correlationId: decodeJSON(r.body) for r in bus.replies}
+        assert [codes[f"o{n}"]["code"] for n in range(3)] == ["overloaded"] * 3
+        assert codes["other"] == "plain"
+        warnings = [e for e in events if "are held by blocking calls" in
+                    str(e.get("log_format"))]
+        assert len(warnings) == 1  # once per episode, not per request
+        stuck.release.set()
+        await until(lambda: "waits" in bus.settled, "the waiting request to run")
+        deliver(runtime, bus, "after", None, "looping")
+        await until(lambda: "after" in bus.settled, "a thread request after recovery")
+        assert decodeJSON(bus.replies[-1].body) == "late"
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        stuck.release.set()
+        await runtime.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_handler_is_done_only_once_its_thread_returns() -> None:
     """run.handlerDone() (and the shutdown grace) wait for a cancelled blocking call's thread,
     as they do for a cancelled Task, while the request is answered at once."""
