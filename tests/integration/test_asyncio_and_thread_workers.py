@@ -88,7 +88,7 @@ def test_asyncio_handlers_stream_and_await_a_real_asyncio_client(asyncioStack, c
 
 
 @pytest.mark.rabbitmq
-def test_cancel_and_deadline_reach_the_asyncio_task(asyncioStack, connect):
+def test_cancel_disconnect_and_deadline_reach_the_asyncio_task(asyncioStack, connect):
     stack = asyncioStack
     client = connect(stack)
     mark = stack.mark()
@@ -96,11 +96,16 @@ def test_cancel_and_deadline_reach_the_asyncio_task(asyncioStack, connect):
     first = client.request("taskProbe", {"token": cancelled, "count": 1000, "delayMs": 20})
     second = client.request("taskProbe", {"token": timedOut, "count": 1000, "delayMs": 20},
                             timeoutMs=600)
+    leaver = connect(stack)
+    disconnected = _token()
+    third = leaver.request("taskProbe", {"token": disconnected, "count": 1000, "delayMs": 20})
     client.waitForChunk(first, 2)
     client.cancel(first)
+    leaver.waitForChunk(third, 1)
+    leaver.close()  # the client goes away mid-stream
     assert client.collect(first).code == "cancelled"
     assert client.collect(second).code == "timeout"
-    for token in (cancelled, timedOut):
+    for token in (cancelled, timedOut, disconnected):
         stack.waitForHandlerLog(f"Task cancelled {token}", mark)
         stack.waitForHandlerLog(f"Task finally {token}", mark)
     client.assertQuiet(first, second)
