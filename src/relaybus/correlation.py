@@ -279,6 +279,14 @@ class CorrelationTable:
         if seq is not None and seq < entry.nextSeq:
             # An idempotent handler ran again after a redelivery: the client has these already.
             return
+        if seq is not None and seq > entry.nextSeq:
+            # A chunk went missing on the way (the broker refused it while the worker had
+            # more in flight): forwarding this one would hide the gap from the client.
+            self._finish(entry, RelaybusError(
+                ErrorCode.HANDLER_ERROR, f"chunk {entry.nextSeq} of this request was lost "
+                f"(the worker's next chunk was {seq})"))
+            self._notifyWorkers(entry, "handler_error")
+            return
         try:
             entry.connection.sendChunk(entry.requestId, entry.nextSeq, data)
         except RelaybusError as refusal:  # nothing was sent: the chunk ends the request

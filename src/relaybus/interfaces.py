@@ -93,9 +93,12 @@ class IRequestStream(Interface):
     def sendChunk(data: Any) -> Any:
         """Send one JSON-serialisable chunk, in the handler's world (relaybus.handlerworlds).
 
-        On the reactor it returns a Deferred fired once the chunk is published; in an asyncio
-        handler an asyncio Future; in a blocking handler's thread it returns None once the
-        chunk is published (and raises CancelledError once the request has ended).
+        On the reactor it returns a Deferred; in an asyncio handler an asyncio Future; in a
+        blocking handler's thread it returns None (and raises CancelledError once the request
+        has ended). Each fires at once while fewer than relaybus.worker.CHUNK_WINDOW chunks of
+        the request await the broker's confirm, and otherwise once the oldest is confirmed:
+        back-pressure without a broker round trip per chunk. A chunk the broker refuses ends
+        the request with handler_error; the handler is stopped.
         """
 
 

@@ -45,6 +45,9 @@ REMEMBER_CANCELLED_MAX = 10_000
 # After a drain times out and hands the rest back, how long their stopped handlers get to end
 # (an asyncio Task's `finally` blocks run on the loop after Task.cancel()).
 STOPPED_HANDLERS_GRACE_S = 2.0
+# Chunks of one request that may await their publisher confirms at once before sendChunk
+# makes the handler wait (docs/protocol.md: a worker may pipeline its chunks).
+CHUNK_WINDOW = 16
 # Either kind of cancellation ends a handler quietly once the runtime has stopped it.
 _CANCELLATIONS = (CancelledError, asyncio.CancelledError)
 
@@ -83,28 +86,62 @@ def _publishReply(bus: IWorkerBus, request: RequestMessage, kind: ReplyKind, bod
 @implementer(IRequestStream)
 @attrs.define(eq=False)
 class _Stream:
+    """A request's chunks on their way out. sendChunk does not wait for each chunk's publisher
+    confirm (a broker round trip per chunk): up to CHUNK_WINDOW chunks of a request may await
+    theirs, and only a handler that gets further ahead waits, for the oldest. A refused chunk
+    still ends the request (`refused`), and the final reply waits for every chunk's confirm,
+    so a client never gets a response past a chunk the broker dropped."""
+
     _bus: IWorkerBus
     _request: RequestMessage
     _nextSeq: int = 0
     ended: bool = False
-    # Called (before the handler hears of it) when the broker refuses a chunk: the runtime
-    # then ends the request, so that no later chunk reaches the client past the gap.
+    # Called when the broker refuses a chunk: the runtime then ends the request, so that no
+    # later chunk reaches the client past the gap.
     refused: Callable[[], None] | None = None
+    unconfirmed: int = 0  # chunks published whose confirm has not come back
+    chunkRefused: bool = False  # the broker refused one of them (a nack)
+    _waiters: list[Deferred[None]] = attrs.field(factory=list)  # handlers ahead of the window
+    _allConfirmed: list[Deferred[None]] = attrs.field(factory=list)
 
     def sendChunk(self, data: Any) -> Deferred[None]:
         if self.ended:
             log.debug("Chunk after the end of {correlationId} dropped",
                       correlationId=self._request.correlationId)
             return succeed(None)
+        body = encodeJSON(data)  # raises for what JSON cannot carry: nothing is sent
         seq, self._nextSeq = self._nextSeq, self._nextSeq + 1
-        published = _publishReply(self._bus, self._request, ReplyKind.CHUNK, encodeJSON(data),
-                                  seq)
-        return published.addErrback(self._chunkFailed)
+        self.unconfirmed += 1
+        _publishReply(self._bus, self._request, ReplyKind.CHUNK, body,
+                      seq).addBoth(self._chunkSettled)
+        if self.unconfirmed < CHUNK_WINDOW:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
 
-    def _chunkFailed(self, failure: Failure) -> Failure:
-        if failure.check(ReplyRefusedError) and not self.ended and self.refused is not None:
-            self.refused()
-        return failure
+    def whenConfirmed(self) -> Deferred[None]:
+        """Fires once every chunk sent so far has its confirm (or its failure)."""
+        done: Deferred[None] = Deferred()
+        if not self.unconfirmed:
+            done.callback(None)
+        else:
+            self._allConfirmed.append(done)
+        return done
+
+    def _chunkSettled(self, result: Any) -> None:
+        self.unconfirmed -= 1
+        if isinstance(result, Failure) and result.check(ReplyRefusedError):
+            self.chunkRefused = True
+            if not self.ended and self.refused is not None:
+                self.refused()
+        # Any other failure is a lost channel: the runtime hears of it as busInterrupted.
+        while self._waiters and self.unconfirmed < CHUNK_WINDOW:
+            self._waiters.pop(0).callback(None)
+        if not self.unconfirmed:
+            waiting, self._allConfirmed = self._allConfirmed, []
+            for done in waiting:
+                done.callback(None)
 
 
 @attrs.define(eq=False)
@@ -385,7 +422,17 @@ class WorkerRuntime(Service):
                                                                 ReplyRefusedError):
                 log.failure("Handler failed after it was cancelled", result)
             return
+        running.stream.whenConfirmed().addCallback(
+            lambda _: self._replyWithResult(running, result))
+
+    def _replyWithResult(self, running: _Running, result: Any) -> None:
         message = running.delivery.message
+        if running.stream.chunkRefused:  # the broker dropped a chunk: no response past it
+            log.warn("The broker refused a chunk of {correlationId}: ending the request",
+                     correlationId=message.correlationId)
+            self._replyError(running.delivery, ErrorCode.HANDLER_ERROR,
+                             "the broker refused a chunk of this request")
+            return
         try:
             if isinstance(result, Failure):
                 kind, body = ReplyKind.ERROR, encodeJSON(_errorReply(

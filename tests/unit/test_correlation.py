@@ -112,10 +112,28 @@ def test_response_without_chunks_and_with_falsy_data(gw: Gateway) -> None:
 def test_chunks_without_seq_are_numbered_contiguously(gw: Gateway) -> None:
     _, message = gw.accept()
     gw.reply(message, "chunk", "a")
-    gw.reply(message, "chunk", "b", seq=5)  # a gap from the worker: renumbered
+    gw.reply(message, "chunk", "b", seq=1)
     gw.reply(message, "chunk", "c")
-    assert [(f["seq"], f["data"]) for f in gw.conn.frames] == [(0, "a"), (1, "b"), (2, "c")]
+    gw.reply(message, "chunk", "d")
+    assert [(f["seq"], f["data"]) for f in gw.conn.frames] == [(0, "a"), (1, "b"), (2, "c"),
+                                                               (3, "d")]
     gw.reply(message, "response", None)
+    gw.assertEmpty()
+
+
+def test_a_chunk_whose_seq_skips_ahead_ends_the_request_with_handler_error(gw: Gateway) -> None:
+    """A chunk the broker refused while the worker had more in flight: the next one must not
+    go out in its place, or the client would never know one is missing."""
+    _, message = gw.accept()
+    gw.reply(message, "chunk", "c0", seq=0)
+    gw.reply(message, "chunk", "c2", seq=2)  # 1 never came
+    gw.reply(message, "chunk", "c3", seq=3)  # late: the request has ended
+    gw.reply(message, "response", "done")
+    assert [f["type"] for f in gw.conn.frames] == ["chunk", "error"]
+    assert gw.conn.frames[1]["error"] == {
+        "code": "handler_error",
+        "message": "chunk 1 of this request was lost (the worker's next chunk was 2)"}
+    assert gw.bus.cancels == [CancelNotice(message.correlationId, "echo", "handler_error")]
     gw.assertEmpty()
 
 

@@ -604,9 +604,12 @@ class SendsOnce:
         self.outcome: list[str] = []
 
     def handle(self, request: Any, stream: Any) -> Any:
+        from relaybus.worker import CHUNK_WINDOW
+
         self.outcome.append("sending")
         try:
-            stream.sendChunk("one")
+            for index in range(CHUNK_WINDOW):  # the last one waits: the window is full
+                stream.sendChunk(index)
         except CancelledError:
             self.outcome.append("cancelled")
             raise

@@ -11,7 +11,7 @@ import pytest
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
-from unitsupport import assertNoResult, failureResultOf, requestMessage, successResultOf
+from unitsupport import assertNoResult, requestMessage, successResultOf
 from zope.interface import implementer
 
 from relaybus import worker as workerModule
@@ -20,7 +20,7 @@ from relaybus.interfaces import IRequestHandler, IRequestStream
 from relaybus.messages import CancelNotice, Delivery, ReplyKind, ReplyMessage
 from relaybus.strictjson import decodeJSON
 from relaybus.testing import FakeRequestHandler, FakeWorkerBus
-from relaybus.worker import HandlerRequest, WorkerRuntime
+from relaybus.worker import CHUNK_WINDOW, HandlerRequest, WorkerRuntime
 
 START = 1_764_000_000.0
 
@@ -204,14 +204,34 @@ def test_ack_only_after_the_final_reply_is_published() -> None:
     w = Worker(bus=bus)
     w.deliver()
     [(_request, stream, d)] = w.handler.calls
-    stream.sendChunk("c")
+    assert successResultOf(stream.sendChunk("c")) is None  # the window: no wait for a confirm
     d.callback("done")
+    # The final reply waits for the chunk's confirm: a refused chunk would end it otherwise.
+    assert [r.kind for r in bus.replies] == [ReplyKind.CHUNK]
+    bus.held[0].callback(None)
     assert [r.kind for r in bus.replies] == [ReplyKind.CHUNK, ReplyKind.RESPONSE]
-    assert w.settled() is None
-    bus.held[0].callback(None)  # the chunk's confirm is not the final one
-    assert w.settled() is None
+    assert w.settled() is None  # the chunk's confirm is not the final one
     bus.held[1].callback(None)
     assert w.settled() == "ack"
+
+
+def test_a_handler_may_get_chunk_window_chunks_ahead_of_their_confirms() -> None:
+    bus = HeldRepliesBus()
+    w = Worker(bus=bus)
+    w.deliver()
+    [(_request, stream, _d)] = w.handler.calls
+    sent = [stream.sendChunk(i) for i in range(CHUNK_WINDOW + 2)]
+    assert all(s.called for s in sent[:CHUNK_WINDOW - 1])
+    assert not any(s.called for s in sent[CHUNK_WINDOW - 1:])  # ahead of the window: wait
+    assert len(bus.replies) == CHUNK_WINDOW + 2  # published all the same, in order
+    for held in bus.held[:2]:  # 18 unconfirmed -> 16: still a full window
+        held.callback(None)
+    assert not any(s.called for s in sent[CHUNK_WINDOW - 1:])
+    bus.held[2].callback(None)  # 15: below the window, the waiting handler goes on
+    assert all(s.called for s in sent)
+    for held in bus.held[3:]:
+        held.callback(None)
+    assert [r.seq for r in bus.replies] == list(range(CHUNK_WINDOW + 2))
 
 
 def test_chunks_get_seq_0_1_2_then_the_response(w: Worker) -> None:
@@ -226,13 +246,6 @@ def test_chunks_get_seq_0_1_2_then_the_response(w: Worker) -> None:
     assert all(r.replyTo == "gw-test" for r in w.bus.replies)
     assert w.settled() == "ack"
     w.assertIdle()
-
-
-def test_chunk_publish_failure_fails_the_send_chunk_deferred(w: Worker) -> None:
-    w.deliver()
-    [(_request, stream, _d)] = w.handler.calls
-    w.bus.failPublishes = True
-    failureResultOf(stream.sendChunk("x"), RelaybusError)
 
 
 def test_coroutine_handler() -> None:
@@ -609,13 +622,13 @@ def test_final_reply_the_broker_refuses_is_acked(scenario: str) -> None:
 
 
 @pytest.mark.parametrize("later", [False, True], ids=["nack-at-once", "nack-later"])
-@pytest.mark.parametrize("how", ["awaits", "catches-and-goes-on", "does-not-wait"])
+@pytest.mark.parametrize("how", ["awaits", "keeps-streaming", "does-not-wait"])
 def test_a_chunk_the_broker_refuses_ends_the_request_with_handler_error(how: str,
                                                                        later: bool) -> None:
-    """The runtime ends it at once, so that no later chunk reaches the client past the gap
-    (the gateway would close it up), whatever the handler does with the failure."""
-    sentAfter: list[Any] = []
-    ended: list[str] = []
+    """sendChunk does not wait for each confirm (the window), so the handler may never hear of
+    a refusal: the runtime ends the request, with one handler_error and never a response past
+    the dropped chunk, whatever the handler does (the gateway ends a request whose chunks
+    skip a seq, so a later chunk cannot close the gap either)."""
 
     @implementer(IRequestHandler)
     class Streaming:
@@ -623,35 +636,24 @@ def test_a_chunk_the_broker_refuses_ends_the_request_with_handler_error(how: str
         idempotent = False
 
         async def handle(self, request: HandlerRequest, stream: IRequestStream) -> Any:
-            try:
-                if how == "does-not-wait":
-                    stream.sendChunk(0).addErrback(lambda _: None)
-                    await Deferred()  # runs until the runtime stops it
-                try:
-                    await stream.sendChunk(0)
-                except ReplyRefusedError:
-                    if how == "awaits":
-                        raise
-                sentAfter.append(successResultOf(stream.sendChunk(1)))
-                return "done"
-            except BaseException as e:
-                ended.append(type(e).__name__)
-                raise
+            if how == "does-not-wait":
+                stream.sendChunk(0)
+                await Deferred()  # runs until the runtime stops it
+            await stream.sendChunk(0)
+            if how == "keeps-streaming":
+                for index in range(1, 5):
+                    await stream.sendChunk(index)
+            return "done"
 
     bus = RefusingBus(ReplyKind.CHUNK, later=later)
     w = Worker(Streaming(), bus=bus)
     with loggedLines() as lines:
         w.deliver(requestType="streaming")
-        assert w.runtime.runningCount == (1 if later else 0)
         bus.nackAll()
-    assert [r.seq for r in bus.refused] == [0]
-    assert w.replies() == [errorReply("handler_error",
-                                      "the broker refused a chunk of this request")]
+    assert bus.refused[0].seq == 0
+    assert [reply for reply in w.replies() if reply[0] != "chunk"] == [
+        errorReply("handler_error", "the broker refused a chunk of this request")]
     assert w.settled() == "ack"
-    # The handler was stopped or ran to its end; a chunk after the refusal was a no-op.
-    assert sentAfter == ([None] if how == "catches-and-goes-on" else [])
-    assert ended == {"awaits": ["ReplyRefusedError"], "catches-and-goes-on": [],
-                     "does-not-wait": ["CancelledError"]}[how]
     assert not [line for line in lines if line.startswith("FAILURE")], lines
     assert [line for line in lines if "refused a chunk of c-1" in line]
     w.assertIdle()
@@ -667,11 +669,12 @@ def test_a_refused_chunk_whose_error_reply_is_refused_too_is_acked() -> None:
 
 
 def test_a_chunk_lost_with_the_channel_does_not_end_the_request(w: Worker) -> None:
-    """Unlike a refusal: the connection is going, and busInterrupted stops the work."""
+    """Unlike a refusal: the connection is going, and busInterrupted stops the work; the
+    handler is not told through sendChunk (the window does not wait for confirms)."""
     w.deliver()
     [(_request, stream, _d)] = w.handler.calls
     w.bus.failPublishes = True
-    failureResultOf(stream.sendChunk("x"), RelaybusError)
+    assert successResultOf(stream.sendChunk("x")) is None
     assert w.runtime.runningCount == 1 and w.bus.replies == []
 
 
