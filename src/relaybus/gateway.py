@@ -73,6 +73,21 @@ LOG_DROP_NOTICE_INTERVAL_S = 1.0
 WEB_ROOT = Path(__file__).parent / "web"
 
 
+# What Autobahn's server protocol keeps from the opening handshake for the connection's whole
+# life (the request and response text, the parsed headers, per-connection copies of the
+# handshake options) and never reads again once the connection is open (checked against
+# autobahn 26.10's websocket/protocol.py: every read is in processHandshake/succeedHandshake).
+# Dropped in onOpen: with them gone the instance dict has at most 85 keys and, rebuilt, takes
+# half the memory (benchmarks/connections.py measures the whole: RSS per idle connection).
+_HANDSHAKE_ONLY_ATTRIBUTES = (
+    "http_request_data", "http_response_data", "http_status_line", "http_headers",
+    "http_request_uri", "http_request_path", "http_request_params", "http_request_host",
+    "_wskey", "websocket_origin", "websocket_protocols", "websocket_extensions",
+    "flashSocketPolicy", "serveFlashSocketPolicy", "allowedOrigins", "allowedOriginsPatterns",
+    "allowNullOrigin", "webStatus", "trustXForwardedFor", "maxConnections", "versions",
+    "perMessageCompressionAccept",
+)
+
 # Close codes counted by name in /metrics: the protocol's and ours (docs/protocol.md); any other
 # code a client sends counts as "other", so clients cannot grow the label set.
 COUNTED_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1011, 4401})
@@ -145,6 +160,7 @@ class GatewayProtocol(WebSocketServerProtocol):
         super().failHandshake(reason, code, responseHeaders)
 
     def onOpen(self) -> None:
+        self._dropHandshakeState()
         self.connectionId = secrets.token_urlsafe(12)
         self.factory.connections.add(self)
         limits = self.factory.config.limits
@@ -200,6 +216,12 @@ class GatewayProtocol(WebSocketServerProtocol):
         self.principal = principal
         self._watchTokenExpiry()
         self._sendTextFrame(authOkFrame(principal.forHello()["expiresAt"]))
+
+    def _dropHandshakeState(self) -> None:
+        state = self.__dict__
+        for name in _HANDSHAKE_ONLY_ATTRIBUTES:
+            state.pop(name, None)
+        self.__dict__ = dict(state)  # a dict never shrinks in place; a copy is sized to fit
 
     def _watchSendBuffer(self) -> None:
         """Become the transport's producer so a full write buffer tells us the client stalled.

@@ -82,6 +82,26 @@ def test_hello_frame_first_on_open(gw: Gateway) -> None:
     assert client.isOpen
 
 
+def test_an_open_connection_lets_go_of_its_handshake(gw: Gateway) -> None:
+    """Autobahn's handshake leftovers (the request text, parsed headers, copies of handshake
+    options) are dropped once open, and the instance dict is rebuilt small; the connection
+    still works, pings and closes as before."""
+    from relaybus.gateway import _HANDSHAKE_ONLY_ATTRIBUTES
+
+    client = gw.connect()
+    state = vars(client.protocol)
+    assert not set(_HANDSHAKE_ONLY_ATTRIBUTES) & set(state)
+    assert len(state) <= 85  # a dict with more keys takes a table twice the size
+    client.messages()
+    client.sendJSON({"type": "request", "requestId": "r-1", "requestType": "echo",
+                     "payload": 1})
+    gw.settle()
+    assert client.messages() == [{"type": "response", "requestId": "r-1", "data": 1}]
+    client.protocol.sendPing()
+    client.protocol.sendClose(1000)
+    assert client.protocol.state == client.protocol.STATE_CLOSING
+
+
 def test_each_connection_gets_its_own_id(gw: Gateway) -> None:
     ids = {gw.connect().messages()[0]["connectionId"] for _ in range(5)}
     assert len(ids) == 5
