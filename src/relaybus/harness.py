@@ -378,14 +378,15 @@ def commandRun(what: str, cleanUp: Callable[[], None]) -> Iterator[CommandRun]:
         cleanUp()
 
 
-async def openGatewaySocket(url: str) -> tuple[ClientConnection, dict[str, Any]]:
+async def openGatewaySocket(url: str, **options: Any) -> tuple[ClientConnection, dict[str, Any]]:
     """A `websockets` asyncio connection to a gateway (not relaybus's own client), and the
-    gateway's hello frame."""
+    gateway's hello frame. `options` go to websockets' connect() over the defaults below (e.g.
+    ping_interval=None, create_connection=a ClientConnection subclass)."""
     from websockets.asyncio.client import connect
 
     # compression=None: Autobahn's server declines permessage-deflate anyway; say so here.
-    ws = await connect(url, compression=None, max_size=16 * 1024 * 1024, open_timeout=10,
-                       proxy=None)
+    ws = await connect(url, **{"compression": None, "max_size": 16 * 1024 * 1024,
+                               "open_timeout": 10, "proxy": None, **options})
     hello = json.loads(await asyncio.wait_for(ws.recv(), 10))
     if hello.get("type") != "hello":
         await ws.close()
