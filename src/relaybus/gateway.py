@@ -88,6 +88,32 @@ _HANDSHAKE_ONLY_ATTRIBUTES = (
     "perMessageCompressionAccept",
 )
 
+def _skipAutobahnConfigurationDump() -> None:
+    """Autobahn's WebSocketProtocol._connectionMade formats its ~30 configuration values with
+    pprint.pformat for a debug line on every connection, whether debug logging is on or not:
+    about 1 ms of a 2.4 ms handshake in a profiled gateway (benchmarks/connections.py
+    --profile). Its module's `pformat` is swapped for one that skips exactly that call (the
+    line then says so) and formats everything else as before."""
+    import pprint
+    import sys
+
+    import autobahn.websocket.protocol as autobahnProtocol
+
+    if autobahnProtocol.pformat is not pprint.pformat:
+        return  # done already (or Autobahn changed: then leave it alone)
+    dumpsConfiguration = autobahnProtocol.WebSocketProtocol._connectionMade.__code__
+
+    def pformat(value: Any, *args: Any, **kwargs: Any) -> str:
+        if sys._getframe(1).f_code is dumpsConfiguration:
+            return "(configuration not formatted: relaybus.gateway skips it)"
+        return pprint.pformat(value, *args, **kwargs)
+
+    autobahnProtocol.pformat = pformat  # type: ignore[assignment]
+
+
+_skipAutobahnConfigurationDump()
+
+
 # Close codes counted by name in /metrics: the protocol's and ours (docs/protocol.md); any other
 # code a client sends counts as "other", so clients cannot grow the label set.
 COUNTED_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1011, 4401})

@@ -102,6 +102,28 @@ def test_an_open_connection_lets_go_of_its_handshake(gw: Gateway) -> None:
     assert client.protocol.state == client.protocol.STATE_CLOSING
 
 
+def test_a_handshake_does_not_format_autobahns_configuration(gw: Gateway) -> None:
+    """Autobahn pformats its configuration for a debug line on every connection (about 40 %
+    of a handshake's CPU); relaybus.gateway skips that one call and no other."""
+    import pprint
+
+    import autobahn.websocket.protocol as autobahnProtocol
+    import txaio
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    level = txaio.get_global_log_level()
+    txaio.set_global_log_level("debug")  # so that Autobahn emits the line at all
+    try:
+        gw.connect().messages()
+    finally:
+        txaio.set_global_log_level(level)
+        globalLogPublisher.removeObserver(events.append)
+    dumps = [e["attrs"] for e in events if "attrs" in e]
+    assert dumps == ["(configuration not formatted: relaybus.gateway skips it)"]
+    assert autobahnProtocol.pformat({"a": [1]}) == pprint.pformat({"a": [1]})  # others: as before
+
+
 def test_each_connection_gets_its_own_id(gw: Gateway) -> None:
     ids = {gw.connect().messages()[0]["connectionId"] for _ in range(5)}
     assert len(ids) == 5
