@@ -4,10 +4,16 @@
 from twisted.application.service import Application
 
 from relaybus.options import GatewayOptions
-from relaybus.service import GatewayService, exitZeroOnSigterm, reloadOnSighup
+from relaybus.service import (
+    GatewayService,
+    exitZeroOnSigterm,
+    reloadOnSighup,
+    tuneGarbageCollector,
+)
 
 options = GatewayOptions.fromEnvironment()
 exitZeroOnSigterm()
+tuneGarbageCollector()
 reloadOnSighup(options.authorizer)
 application = Application("relaybus")
 GatewayService(options.config, options.registry, checker=options.checker,

@@ -3,11 +3,12 @@
 from twisted.application.service import IService
 
 from relaybus.options import WorkerOptions as Options
-from relaybus.service import WorkerService, exitZeroOnSigterm
+from relaybus.service import WorkerService, exitZeroOnSigterm, tuneGarbageCollector
 
 
 def makeService(options: Options) -> IService:
     exitZeroOnSigterm()
+    tuneGarbageCollector()
     return WorkerService(options.config, options.registry)
 
 

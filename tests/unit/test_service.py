@@ -308,3 +308,28 @@ def test_worker_whose_handlers_finish_stops_without_waiting_for_the_drain_timeou
     assert worker.answered() == {"c-1": "response"}
     assert worker.bus.queuedCount() == 0 and not worker.bus.running
     assert reactor.getDelayedCalls() == []  # no drain timer left behind
+
+
+def test_the_plugins_tune_the_garbage_collector_for_the_whole_process(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many short-lived cycles per request: collected young, not promoted (service.py)."""
+    import gc
+
+    from relaybus import service, tap, tap_worker
+    from relaybus.options import GatewayOptions, WorkerOptions
+
+    monkeypatch.setattr(service, "exitZeroOnSigterm", lambda reactor=None: None)
+    monkeypatch.setattr(tap, "exitZeroOnSigterm", lambda reactor=None: None)
+    monkeypatch.setattr(tap_worker, "exitZeroOnSigterm", lambda reactor=None: None)
+    before = gc.get_threshold()
+    try:
+        for module, options, argv in (
+                (tap, GatewayOptions(), ["--listen", "tcp:0"]),
+                (tap_worker, WorkerOptions(), ["--broker", "amqp://127.0.0.1/",
+                                               "--handlers", "workers.examples"])):
+            gc.set_threshold(*before)
+            options.parseOptions(argv)
+            module.makeService(options)
+            assert gc.get_threshold() == (service.GC_FIRST_GENERATION_THRESHOLD, *before[1:])
+    finally:
+        gc.set_threshold(*before)
