@@ -36,14 +36,20 @@ def _floatSizedInt(text: str) -> int:
     return number
 
 
+# One decoder and one encoder for the process: json.loads / json.dumps with options build a
+# new one on every call, about a third of the cost of a small frame.
+_DECODER = json.JSONDecoder(parse_constant=_rejectConstant, parse_float=_finiteFloat,
+                            parse_int=_floatSizedInt)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def decodeJSON(data: bytes | str) -> Any:
     """Strict JSON: strict UTF-8, no NaN/Infinity or overflowing numbers (they could not be
     sent on), and deep nesting is an error rather than a crash."""
     if isinstance(data, bytes):
         data = data.decode("utf-8")  # json.loads would let UTF-8-encoded surrogates through
     try:
-        return json.loads(data, parse_constant=_rejectConstant, parse_float=_finiteFloat,
-                          parse_int=_floatSizedInt)
+        return _DECODER.decode(data)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
 
@@ -51,7 +57,6 @@ def decodeJSON(data: bytes | str) -> Any:
 def encodeJSON(value: Any) -> bytes:
     """Compact UTF-8 (not ASCII-escaped); NaN, Infinity and deep nesting are ValueError."""
     try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False).encode("utf-8")
+        return _ENCODER.encode(value).encode("utf-8")
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
