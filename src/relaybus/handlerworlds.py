@@ -18,7 +18,14 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    ensureDeferred,
+    fail,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
 from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
@@ -319,7 +326,15 @@ class HandlerCalls:
             return maybeDeferred(self._inTask, handler, request, stream)
         if world == THREAD:
             return self._inThread(handler, request, stream)
-        return maybeDeferred(handler.handle, request, stream).addCallback(_awaitCoroutine)
+        try:
+            result = handler.handle(request, stream)
+        except BaseException:
+            return fail()  # as maybeDeferred would, one Deferred fewer per request
+        if isinstance(result, Deferred):
+            return result
+        if inspect.iscoroutine(result):
+            return ensureDeferred(result)
+        return succeed(result)
 
     def _inTask(self, handler: IRequestHandler, request: Any,
                 stream: IRequestStream) -> Deferred[Any]:
@@ -386,9 +401,3 @@ class HandlerCalls:
 
 
 _STOPPED = object()  # what a cancelled thread call's Deferred pauses on
-
-
-def _awaitCoroutine(result: Any) -> Any:
-    if inspect.iscoroutine(result):
-        return ensureDeferred(result)
-    return result

@@ -422,6 +422,9 @@ class WorkerRuntime(Service):
                                                                 ReplyRefusedError):
                 log.failure("Handler failed after it was cancelled", result)
             return
+        if not running.stream.unconfirmed:  # the common case: no Deferred needed
+            self._replyWithResult(running, result)
+            return
         running.stream.whenConfirmed().addCallback(
             lambda _: self._replyWithResult(running, result))
 
