@@ -5,6 +5,7 @@ from a real gateway while a client on another connection is served."""
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 from typing import Any
@@ -30,35 +31,44 @@ def answerOf(sock: socket.socket) -> bytes:
     return received
 
 
+RESET = b"<reset>"
+
+
 def trickle(sockets: list[socket.socket], request: bytes, until: float) -> dict[int, bytes]:
     """Send `request` one byte per socket every 0.2 s (never finishing it) until each socket
-    is closed by the gateway or `until` passes; returns what each one was answered."""
+    is closed by the gateway or `until` passes; returns what each one was answered.
+
+    A socket is read before each byte is sent, so the gateway's answer is seen before the
+    next byte reaches its closed socket. A byte that still crosses the close draws a reset,
+    which may discard the unread answer: that socket's answer is then `RESET`."""
     answers: dict[int, bytes] = {}
     position = 0
     while len(answers) < len(sockets) and time.monotonic() < until:
         for index, sock in enumerate(sockets):
             if index in answers:
                 continue
-            try:
-                sock.sendall(request[position % (len(request) - 4):][:1])
-                sock.setblocking(False)
+            answer = _answerIfClosed(sock)
+            if answer is None:
                 try:
-                    data = sock.recv(4096)
-                    answers[index] = data + (answerOf(_blocking(sock)) if data else b"")
-                except BlockingIOError:
-                    pass
-                finally:
-                    sock.setblocking(True)
-            except (BrokenPipeError, ConnectionResetError):
-                answers[index] = b""
+                    sock.sendall(request[position % (len(request) - 4):][:1])
+                except (BrokenPipeError, ConnectionResetError):
+                    answer = _answerIfClosed(sock) or RESET
+            if answer is not None:
+                answers[index] = answer
         position += 1
         time.sleep(0.2)
     return answers
 
 
-def _blocking(sock: socket.socket) -> socket.socket:
-    sock.setblocking(True)
-    return sock
+def _answerIfClosed(sock: socket.socket) -> bytes | None:
+    """What the gateway sent before closing `sock`, or None while it is still open."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return None
+    try:
+        return answerOf(sock) or RESET
+    except ConnectionResetError:
+        return RESET
 
 
 def test_a_slowloris_is_cut_at_the_open_handshake_timeout(makeStack: Any,
@@ -69,7 +79,11 @@ def test_a_slowloris_is_cut_at_the_open_handshake_timeout(makeStack: Any,
     started = time.monotonic()
     answers = trickle(sockets, UPGRADE, until=started + 30)
     assert len(answers) == 40, "some trickling connections were never closed"
-    assert all(answer.startswith(b"HTTP/1.1 408 Request Timeout") for answer in answers.values())
+    # each was answered 408, or (rarely) a trickled byte crossed the close and the reset
+    # discarded the answer; the metric below counts the gateway's 408s either way
+    assert all(answer.startswith(b"HTTP/1.1 408 Request Timeout") or answer == RESET
+               for answer in answers.values()), answers
+    assert list(answers.values()).count(RESET) < len(answers) / 2, answers
     assert good.call("echo", "still here").data == "still here"
     metrics = stack.gateway.metrics()
     assert metrics['relaybus_handshakes_refused_total{reason="request_timeout"}'] == 40
