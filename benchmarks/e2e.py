@@ -26,6 +26,7 @@ import json
 import math
 import os
 import pstats
+import re
 import resource
 import secrets
 import signal
@@ -220,6 +221,13 @@ class GatewayDriver:
         for connection in self.connections:
             await connection.close()
         self.connections = []
+
+
+class BareStackDriver(GatewayDriver):
+    """The same WebSocket client against benchmarks/bare_stack.py's gateway and worker: the
+    design card's stack (Autobahn, pika's Twisted adapter, Twisted) with no relaybus code."""
+
+    path = "bare stack"
 
 
 # The AMQP-only path: pika, publishing like the gateway
@@ -515,6 +523,27 @@ class BarePikaWorkerProcess(ServiceProcess):
         return self
 
 
+class BareStackProcess(ServiceProcess):
+    """benchmarks/bare_stack.py's worker or gateway as a process (log, SIGTERM, log scan)."""
+
+    def __init__(self, role: str, args: list[str]) -> None:
+        super().__init__("bare_stack", [role, *args], name=f"bench-bare-stack-{role}")
+        self.logPath = self.logPath.with_name(f"{role}.log")
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(Path(__file__).with_name("bare_stack.py")), *self.args]
+
+    def waitUntilReady(self, timeout: float = 20.0) -> BareStackProcess:
+        self.waitForLog(r"(?m)^ready", timeout)
+        return self
+
+    @property
+    def url(self) -> str:
+        found = re.search(r"(?m)^ready (\d+)$", self.log)
+        assert found, f"{self.name} printed no port"
+        return f"ws://127.0.0.1:{found.group(1)}/ws"
+
+
 # CPU accounting: who spent the machine's two cores during a phase
 
 
@@ -644,8 +673,9 @@ async def runCase(driver: Any, case: Case, warmup: int, meter: CpuMeter) -> Resu
 
 
 async def runAll(cases: list[Case], gatewayURL: str | None, amqpURL: str | None,
-                 bare: tuple[str, str] | None, topology: Topology, connections: int,
-                 warmup: int, rounds: int, pids: dict[str, int | None]) -> list[Result]:
+                 bare: tuple[str, str] | None, bareStackURL: str | None, topology: Topology,
+                 connections: int, warmup: int, rounds: int,
+                 pids: dict[str, int | None]) -> list[Result]:
     """Every case on every path, in `rounds` rounds of requests/rounds each, the paths'
     order alternating between rounds: a burst of noise from other users of the machine then
     lands on both paths rather than on whichever happened to run at that moment."""
@@ -664,6 +694,8 @@ async def runAll(cases: list[Case], gatewayURL: str | None, amqpURL: str | None,
         amqps.append(AmqpDriver(amqpURL, topology))
     if bare:
         amqps.append(BarePikaDriver(*bare))
+    if bareStackURL:
+        drivers.append(BareStackDriver(bareStackURL, connections))
     results: dict[tuple[str, int, str], Result] = {}
     try:
         for amqp in amqps:
@@ -712,7 +744,8 @@ def printTable(results: list[Result], connections: int) -> None:
     print(f"(gateway path: concurrency c over min(c, {connections}) WebSocket connection(s); "
           "latency = request frame sent -> terminal frame received)")
 
-    cpuNames = [n for n in ("gateway", "worker", "bare-worker", "broker", "client")
+    cpuNames = [n for n in ("gateway", "worker", "bare-worker", "bare-stack-gw",
+                            "bare-stack-worker", "broker", "client")
                 if any(r.cpu.get(n) is not None for r in results)]
     header = ("case", "path", "conc", *(f"{n} ms/req" for n in cpuNames), "other load")
     rows = []
@@ -743,12 +776,16 @@ def printRatios(results: list[Result]) -> None:
         floor = rates[(name, concurrency, "bare pika")]
         cells = [f"{rates[(name, concurrency, p)] / floor:.2f}"
                  if floor and (name, concurrency, p) in rates else ""
-                 for p in ("gateway", "amqp-only")]
+                 for p in ("gateway", "amqp-only", "bare stack")]
+        stack = rates.get((name, concurrency, "bare stack"))
+        gateway = rates.get((name, concurrency, "gateway"))
+        cells.append(f"{gateway / stack:.2f}" if stack and gateway else "")
         rows.append((name, str(concurrency), *cells))
     if rows:
         print("\nThroughput (req/s) against bare pika, same case and concurrency:")
         _table(("case", "conc", "whole stack (gateway path) / bare pika",
-                "amqp-only / bare pika"), rows)
+                "amqp-only / bare pika", "bare stack / bare pika",
+                "whole stack / bare stack"), rows)
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
@@ -866,6 +903,9 @@ def parseArguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-bare", action="store_true",
                         help="skip the bare pika path (and its worker, "
                              "benchmarks/barepika_worker.py)")
+    parser.add_argument("--no-bare-stack", action="store_true",
+                        help="skip the bare stack path (benchmarks/bare_stack.py: an Autobahn "
+                             "gateway and a Twisted pika worker with no relaybus code)")
     parser.add_argument("--worker-reactor", default=None, metavar="NAME",
                         help="start the relaybus worker and the gateway with twistd --reactor "
                              "NAME (e.g. asyncio; default: twistd's default)")
@@ -913,13 +953,15 @@ def main(argv: list[str] | None = None) -> int:
     gateway: GatewayProcess | None = None
     worker: WorkerProcess | None = None
     bareWorker: BarePikaWorkerProcess | None = None
+    stackGateway: BareStackProcess | None = None
+    stackWorker: BareStackProcess | None = None
     results: list[Result] = []
     findings: list[str] = []
     started = time.monotonic()
 
     def cleanUp() -> None:
         # the gateway first: it must not see workers vanish
-        for process in (gateway, worker, bareWorker):
+        for process in (gateway, stackGateway, worker, bareWorker, stackWorker):
             if process is not None:
                 findings.extend(stopAndScan(process))
         if vhost is not None:
@@ -950,6 +992,17 @@ def main(argv: list[str] | None = None) -> int:
             print("Starting the bare pika worker ...", flush=True)
             bareWorker.start()
             bareWorker.waitUntilReady(timeout=30)
+        bareStackURL: str | None = None
+        if brokerURL and not args.no_bare_stack:
+            stackArgs = ["--url", brokerURL, "--queue", f"bench-bare-stack-{secrets.token_hex(4)}"]
+            stackWorker = BareStackProcess("worker", stackArgs)
+            stackGateway = BareStackProcess("gateway", stackArgs)
+            print("Starting the bare stack's worker and gateway ...", flush=True)
+            stackWorker.start()
+            stackWorker.waitUntilReady(timeout=30)
+            stackGateway.start()
+            stackGateway.waitUntilReady(timeout=30)
+            bareStackURL = stackGateway.url
         gatewayURL = args.gateway_url
         if gatewayURL is None:
             gateway = GatewayProcess(common, name="bench-gateway", reactor=args.worker_reactor)
@@ -965,17 +1018,19 @@ def main(argv: list[str] | None = None) -> int:
         pids: dict[str, int | None] = {
             name: process.process.pid if process and process.process else None
             for name, process in (("gateway", gateway), ("worker", worker),
-                                  ("bare-worker", bareWorker))}
+                                  ("bare-worker", bareWorker),
+                                  ("bare-stack-gw", stackGateway),
+                                  ("bare-stack-worker", stackWorker))}
         pids["broker"] = brokerPid()
         amqpURL = None if args.no_amqp else brokerURL
-        paths = [p for p, on in (("gateway", True), ("amqp-only", amqpURL), ("bare pika", bare))
-                 if on]
+        paths = [p for p, on in (("gateway", True), ("amqp-only", amqpURL), ("bare pika", bare),
+                                 ("bare stack", bareStackURL)) if on]
         print(f"Load average before: {os.getloadavg()[0]:.2f}. Running {len(cases)} cases x "
               f"{len(paths)} paths ({', '.join(paths)}; twistd reactor: "
               f"{args.worker_reactor or 'default'}{', profiled' if args.profile else ''}):",
               flush=True)
         try:
-            results = asyncio.run(runAll(cases, gatewayURL, amqpURL, bare, topology,
+            results = asyncio.run(runAll(cases, gatewayURL, amqpURL, bare, bareStackURL, topology,
                                          args.connections, args.warmup, args.rounds, pids))
         finally:  # closing the loop reset SIGTERM to its default (die without cleaning up)
             interruptOnSigterm()
@@ -1007,7 +1062,7 @@ def main(argv: list[str] | None = None) -> int:
         for profiled in (gateway, worker):
             if profiled is not None:
                 printProfile(profiled)
-    for launched in (gateway, worker, bareWorker):
+    for launched in (gateway, worker, bareWorker, stackGateway, stackWorker):
         if launched is not None:
             print(f"{launched.name} log: {launched.logPath}")
     print(f"Total time {time.monotonic() - started:.0f} s.")
