@@ -90,7 +90,13 @@ def runWorker(args: argparse.Namespace) -> Any:
         channel.basic_ack(delivery_tag=message.method.delivery_tag)
 
 
+class BareGatewayFactory(WebSocketServerFactory):
+    bus: BareBus
+
+
 class BareGatewayProtocol(WebSocketServerProtocol):
+    factory: BareGatewayFactory
+
     def onOpen(self) -> None:
         self.sendMessage(HELLO.encode("utf-8"), isBinary=False)
 
@@ -171,11 +177,11 @@ class BareBus:
 def runGateway(args: argparse.Namespace) -> Any:
     bus = BareBus(args.queue, confirms=not args.no_confirms)
     yield bus.start(args.url)
-    factory = WebSocketServerFactory("ws://127.0.0.1")  # the URL only names the host
+    factory = BareGatewayFactory("ws://127.0.0.1")  # the URL only names the host
     factory.protocol = BareGatewayProtocol
     factory.bus = bus
     port = reactor.listenTCP(args.port, factory, interface="127.0.0.1", backlog=1024)
-    print(f"ready {port.getHost().port}", flush=True)
+    print(f"ready {port.getHost().port}", flush=True)  # type: ignore[attr-defined]
     yield defer.Deferred()  # until SIGTERM stops the reactor
 
 
