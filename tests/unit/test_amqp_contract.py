@@ -16,7 +16,7 @@ from amqpwire import ScriptedBroker, handshake
 from pika.adapters.twisted_connection import ClosableDeferredQueue
 from pika.exceptions import ChannelClosedByBroker, NackError, UnroutableError
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import CancelledError, Deferred, DeferredQueue, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
@@ -583,46 +583,42 @@ def test_stop_serving_cancels_the_consumers(wk: Worker) -> None:
 
 
 def test_consume_forever_drains_a_backlog_without_recursion() -> None:
-    queue: DeferredQueue[int] = DeferredQueue()
+    queue = ClosableDeferredQueue()
     for i in range(5000):
         queue.put(i)
     handled: list[int] = []
     consumeForever(queue, handled.append)
     assert handled == list(range(5000))
-    queue.put(5000)  # and keeps waiting for more
+    queue.put(5000)  # and takes more as pika puts them
     queue.put(5001)
     assert handled[-2:] == [5000, 5001]
+    assert not queue.pending and not queue.waiting  # nothing queued, no Deferred waiting
 
 
-def test_consume_forever_stops_when_the_queue_is_closed() -> None:
-    gets: list[int] = []
-
-    class CountingQueue(ClosableDeferredQueue):
-        def get(self) -> Deferred[Any]:
-            gets.append(1)
-            return super().get()
-
-    queue = CountingQueue()
+def test_consume_forever_stops_once_when_the_queue_is_closed() -> None:
+    queue = ClosableDeferredQueue()
     handled: list[str] = []
+    stops: list[int] = []
     queue.put("a")
-    consumeForever(queue, handled.append)
-    assert handled == ["a"] and len(gets) == 2  # the second get is waiting
+    consumeForever(queue, handled.append, lambda: stops.append(1))
     queue.close(ChannelClosedByBroker(320, "closed"))
-    queue.put("b")  # refused by the closed queue
-    assert handled == ["a"]
-    assert len(gets) == 2  # no further get after the close
+    assert stops == [1]
+    failureResultOf(queue.put("b")).trap(ChannelClosedByBroker)  # refused by the closed queue
+    failureResultOf(queue.get()).trap(ChannelClosedByBroker)
+    assert handled == ["a"] and stops == [1]
 
 
 def test_consume_forever_stops_on_a_queue_closed_before_it_starts() -> None:
     queue = ClosableDeferredQueue()
     queue.close(ConnectionDone())
     handled: list[Any] = []
-    consumeForever(queue, handled.append)
-    assert handled == []
+    stops: list[int] = []
+    consumeForever(queue, handled.append, lambda: stops.append(1))
+    assert handled == [] and stops == [1]
 
 
 def test_consume_forever_survives_a_failing_handler() -> None:
-    queue: DeferredQueue[int] = DeferredQueue()
+    queue = ClosableDeferredQueue()
     handled: list[int] = []
 
     def handle(item: int) -> None:

