@@ -616,12 +616,12 @@ class Client:
 
     def __init__(self, url: str, **handshake: Any) -> None:
         """`handshake`: more of websockets' connect() options (additional_headers,
-        subprotocols, origin, ...), e.g. to present a token."""
+        subprotocols, origin, ...), e.g. to present a token, or over the defaults below."""
         self.url = url
         self._exits = contextlib.ExitStack()
-        self.ws: ClientConnection = self._exits.enter_context(
-            wsConnect(url, open_timeout=10, close_timeout=5, max_size=None, proxy=None,
-                      **handshake))
+        self.ws: ClientConnection = self._exits.enter_context(wsConnect(url, **{
+            "open_timeout": 10, "close_timeout": 5, "max_size": None, "proxy": None,
+            **handshake}))
         self.received: list[dict[str, Any]] = []
         self.rawSizes: list[int] = []  # bytes of each text frame received
         self.unread: list[dict[str, Any]] = []

@@ -67,6 +67,7 @@ class ServiceProcess:
         self.twistdOptions = twistdOptions or []  # twistd's own, before the plugin (--profile)
         self.name = name or plugin
         self._env = env
+        self.passFds: tuple[int, ...] = ()  # descriptors the process inherits (as they are)
         self._logDir = tempfile.mkdtemp(prefix=f"relaybus-{self.name}-")
         self.logPath = Path(self._logDir) / "twistd.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -78,13 +79,16 @@ class ServiceProcess:
                 *(["--reactor", self.reactor] if self.reactor else []), *self.twistdOptions,
                 self.plugin, *self.args]
 
-    def start(self) -> ServiceProcess:
+    def environment(self) -> dict[str, str]:
         env = dict(os.environ if self._env is None else self._env)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def start(self) -> ServiceProcess:
         with open(self.logPath, "ab") as log:
             self.process = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                cwd=self._logDir, start_new_session=True)
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(),
+                cwd=self._logDir, start_new_session=True, pass_fds=self.passFds)
         return self
 
     @property
@@ -132,9 +136,13 @@ class ServiceProcess:
 
 
 class GatewayProcess(ServiceProcess):
-    def __init__(self, args: list[str], port: int | None = None, **kwargs: Any) -> None:
+    """`listen`: the --listen (default: tcp: on 127.0.0.1:`port`); `port` is where the tests
+    reach it either way."""
+
+    def __init__(self, args: list[str], port: int | None = None, listen: str | None = None,
+                 **kwargs: Any) -> None:
         self.port = port or freePort()
-        super().__init__("relaybus", ["--listen", f"tcp:{self.port}:interface=127.0.0.1",
+        super().__init__("relaybus", ["--listen", listen or f"tcp:{self.port}:interface=127.0.0.1",
                                       *args], **kwargs)
 
     @property
@@ -165,6 +173,46 @@ class GatewayProcess(ServiceProcess):
                 pass
             time.sleep(0.05)
         raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.log[-4000:]}")
+
+
+# What the gateway's unit (docs/systemd/relaybus@.service) listens on: the socket its socket
+# unit passed.
+SYSTEMD_LISTEN = "systemd:domain=INET:index=0"
+# The name systemd gives a passed socket by default (its socket unit's); Twisted ignores
+# passed sockets that have none (no LISTEN_FDNAMES).
+SYSTEMD_FD_NAME = "relaybus@1.socket"
+
+
+class ActivatedGatewayProcess(GatewayProcess):
+    """A gateway started the way systemd starts a socket unit's service: the socket as fd 3,
+    LISTEN_FDS=1, LISTEN_PID its own pid, LISTEN_FDNAMES its name, and --listen SYSTEMD_LISTEN.
+
+    `listening` None: the real `systemd-socket-activate` binds 127.0.0.1:`port` and execs twistd
+    (same pid) when the first connection comes. A bound, listening socket of the caller's: it
+    is handed over as systemd hands over its own (several gateways can share a port so, each
+    with an SO_REUSEPORT socket, like relaybus@N.socket units); the caller keeps its copy, as
+    systemd does, so connections wait in its queue while no process serves it, until the
+    caller closes it.
+    """
+
+    def __init__(self, args: list[str], listening: socket.socket | None = None,
+                 **kwargs: Any) -> None:
+        self.listening = listening
+        super().__init__(args, port=listening.getsockname()[1] if listening else None,
+                         listen=SYSTEMD_LISTEN, **kwargs)
+        if listening is not None:
+            self.passFds = (listening.fileno(),)
+
+    def command(self) -> list[str]:
+        twistd = super().command()
+        if self.listening is None:  # it passes on only the variables it is told to
+            return ["systemd-socket-activate", "-l", f"127.0.0.1:{self.port}",
+                    f"--fdname={SYSTEMD_FD_NAME}",
+                    *(f"--setenv={name}" for name in self.environment()), *twistd]
+        fd = self.listening.fileno()
+        moveTo3 = "" if fd == 3 else f" 3<&{fd} {fd}<&-"
+        return ["bash", "-c", "export LISTEN_FDS=1 LISTEN_PID=$$ "
+                f'LISTEN_FDNAMES={SYSTEMD_FD_NAME}; exec "$@"{moveTo3}', "bash", *twistd]
 
 
 class WorkerProcess(ServiceProcess):

@@ -23,7 +23,7 @@ from relaybus.handlerworlds import (
 from relaybus.identity import JWTChecker, JWTSettings, loadChecker
 from relaybus.interfaces import IRequestHandler
 from relaybus.jwks import DEFAULT_REFRESH_S
-from relaybus.listener import ListenError, sharedEndpoint
+from relaybus.listener import ListenError, checkListen
 
 MAX_NAME_LENGTH = 64
 MAX_THREADS = 256  # each blocking handler thread costs a stack (8 MiB of address space)
@@ -355,11 +355,10 @@ class GatewayOptions(_EnvironmentOptions):
             raise usage.UsageError("--jwt-cookie needs a JWT key")
         if self["jwks-refresh"] is not None and not self.config.jwt.jwksUrl:
             raise usage.UsageError("--jwks-refresh needs --jwks-url")
-        if self.config.reusePort:
-            try:
-                sharedEndpoint(None, self.config.listen)
-            except ListenError as e:
-                raise usage.UsageError(str(e)) from None
+        try:
+            checkListen(self.config.listen, self.config.reusePort)
+        except ListenError as e:
+            raise usage.UsageError(str(e)) from None
         self.registry = _resolveHandlers(self.config.inProcessHandlers, "relaybus")
         self.checker = _loadChecker(self.config)
         self.authorizer = _loadAuthorizer(self.config)

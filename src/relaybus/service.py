@@ -44,14 +44,19 @@ def _defaultReactor() -> Any:
 
 
 def reloadOnSighup(authorizer: Authorizer | None, reactor: Any = None) -> None:
-    """SIGHUP re-reads the authorization policy (a bad new one is logged, the old one kept).
-    Installed after startup, like exitZeroOnSigterm."""
-    if authorizer is None:
-        return
+    """SIGHUP (`systemctl reload`) re-reads the authorization policy (a bad new one is logged,
+    the old one kept); without a policy it is only logged: its default action would end the
+    process at once, without a drain. Installed after startup, like exitZeroOnSigterm."""
     reactor = reactor or _defaultReactor()
 
+    def reload() -> None:
+        if authorizer is None:
+            log.info("SIGHUP: no --authz-policy to re-read")
+        else:
+            authorizer.reload()
+
     def onSighup(signum: int, frame: FrameType | None) -> None:
-        reactor.callFromThread(authorizer.reload)
+        reactor.callFromThread(reload)
 
     reactor.addSystemEventTrigger(
         "after", "startup", lambda: signal.signal(signal.SIGHUP, onSighup))

@@ -88,6 +88,16 @@ def test_gateway_short_options() -> None:
     assert config.broker == "amqp://rabbit/"
 
 
+@pytest.mark.parametrize(("extra", "message"), [
+    ((), "no such socket was passed to this process"),  # not started by its socket unit
+    (("--reuse-port",), r"shared by its socket unit \(ReusePort=yes\)"),
+])
+def test_gateway_a_systemd_listen_is_checked_before_anything_starts(
+        extra: tuple[str, ...], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        gateway("--listen", "systemd:domain=INET:index=0", *extra)
+
+
 def test_gateway_with_a_broker_runs_no_handlers_unless_named() -> None:
     config = gateway("--broker", "amqp://rabbit/")
     assert not config.inMemory
