@@ -323,12 +323,14 @@ class WorkerRuntime(Service):
         running = _Running(delivery, _Stream(self._bus, message))
         running.stream.refused = lambda: self._chunkRefused(running)
         self._running[message.correlationId] = running
-        running.deadlineTimer = self._clock.callLater(
-            message.deadline - now, self._deadlinePassed, running)
         running.work = self._calls.call(handler, request, running.stream,
                                         self._worlds[message.requestType])
         running.work.addBoth(self._handlerEnded, running)
-        if running.endReason is not None:  # ended while the handler was being called
+        if running.endReason is None:  # still running (most handlers are done by now)
+            running.deadlineTimer = self._clock.callLater(
+                max(0.0, message.deadline - self._clock.seconds()), self._deadlinePassed,
+                running)
+        elif not running.work.called:  # ended (a refused chunk...) while being called
             self._cancelWork(running.work)
 
     def cancelReceived(self, notice: CancelNotice) -> None:
