@@ -827,6 +827,47 @@ def printErrors(results: list[Result]) -> None:
             print(f"    ... and {len(r.errors) - 5} other kinds")
 
 
+def drawChart(results: list[Result], path: str) -> None:
+    """Per case, req/s and latency (p50 solid, p99 dashed) against concurrency, a line per
+    path: where each path saturates, and what its queueing costs in latency."""
+    import matplotlib
+
+    matplotlib.use("svg")
+    import matplotlib.pyplot as plt
+
+    caseNames = list(dict.fromkeys(r.case.name for r in results))
+    paths = list(dict.fromkeys(r.path for r in results))
+    figure, axes = plt.subplots(len(caseNames), 2, figsize=(11, 4 * len(caseNames)),
+                                squeeze=False)
+    for row, name in enumerate(caseNames):
+        throughput, latency = axes[row]
+        for index, pathName in enumerate(paths):
+            points = sorted(((r.case.concurrency, r) for r in results
+                             if r.case.name == name and r.path == pathName),
+                            key=lambda point: point[0])
+            if not points:
+                continue
+            levels = [c for c, _ in points]
+            colour = f"C{index}"
+            throughput.plot(levels, [r.rate for _, r in points], "o-", color=colour,
+                            label=pathName)
+            latency.plot(levels, [r.percentile(50) for _, r in points], "o-", color=colour,
+                         label=f"{pathName} p50")
+            latency.plot(levels, [r.percentile(99) for _, r in points], "x--", color=colour,
+                         label=f"{pathName} p99")
+        throughput.set(title=f"{name}: throughput", xlabel="requests in flight",
+                       ylabel="requests/s", xscale="log")
+        latency.set(title=f"{name}: latency", xlabel="requests in flight", ylabel="ms",
+                    xscale="log", yscale="log")
+        for axis in (throughput, latency):
+            axis.grid(True, which="both", alpha=0.3)
+            axis.legend(fontsize="small")
+    figure.suptitle("relaybus e2e.py: one run on this machine (compare paths, not runs)")
+    figure.tight_layout()
+    figure.savefig(path)
+    print(f"Chart written to {path}")
+
+
 def profileOptions(process: ServiceProcess) -> list[str]:
     """twistd's own options to run `process` under cProfile, its stats in its log folder."""
     return [f"--profile={process.logPath.with_name('profile.pstats')}", "--profiler=cprofile",
@@ -912,6 +953,13 @@ def parseArguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="run the started gateway and relaybus worker under cProfile and "
                              "print their top 25 functions (cumulative and own time) at the end")
+    parser.add_argument("--sweep", default=None, metavar="C1,C2,...",
+                        help="run every case at each of these concurrencies (e.g. "
+                             "1,5,10,25,50,100) instead of 1 and --concurrency")
+    parser.add_argument("--chart", default=None, metavar="FILE.svg",
+                        help="draw req/s and latency (p50, p99) against concurrency for each "
+                             "case and path (needs matplotlib: pip install -e '.[bench]'); "
+                             "most useful with --sweep")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.requests is not None:
@@ -919,14 +967,26 @@ def parseArguments(argv: list[str] | None) -> argparse.Namespace:
     if min(args.requests_serial, args.requests_concurrent, args.concurrency,
            args.connections, args.rounds) < 1 or args.warmup < 0:
         parser.error("request counts, concurrency and connections must be positive")
+    try:
+        args.levels = sorted({1, args.concurrency} if args.sweep is None else
+                             {int(level) for level in args.sweep.split(",") if level.strip()})
+    except ValueError:
+        parser.error("--sweep takes comma-separated integers")
+    if not args.levels or min(args.levels) < 1 or max(args.levels) > 1000:
+        parser.error("--sweep concurrencies must be 1..1000")
+    if args.chart:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--chart needs matplotlib: .venv/bin/pip install -e '.[bench]'")
     return args
 
 
 def makeCases(args: argparse.Namespace) -> list[Case]:
     wanted = {c.strip() for c in args.cases.split(",") if c.strip()}
     cases = []
-    for concurrency, count in ((1, args.requests_serial),
-                               (args.concurrency, args.requests_concurrent)):
+    for concurrency in args.levels:
+        count = args.requests_serial if concurrency == 1 else args.requests_concurrent
         if "echo" in wanted:
             cases.append(Case("echo", "echo", ECHO_PAYLOAD, [], ECHO_PAYLOAD, concurrency,
                               count))
@@ -1039,6 +1099,8 @@ def main(argv: list[str] | None = None) -> int:
         printRatios(results)
         printOutliers(results)
         printErrors(results)
+        if args.chart:
+            drawChart(results, args.chart)
         if any(r.errors for r in results):
             run.status = 1
         if args.json:
