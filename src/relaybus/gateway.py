@@ -479,8 +479,10 @@ class GatewayFactory(WebSocketServerFactory):
             failByDrop=False,
         )
 
-    def closeAll(self, timeoutS: float = 5.0) -> Deferred[Any]:
-        """Close every connection with 1001 (going away); fires once they are gone."""
+    def closeAll(self) -> Deferred[Any]:
+        """Close every connection with 1001 (going away); fires once they are gone, which
+        Autobahn's closeHandshakeTimeout (5 s, then an abort) bounds for a client that never
+        answers."""
         waits = []
         for connection in list(self.connections):
             waits.append(connection.is_closed)
