@@ -43,15 +43,17 @@ def _defaultReactor() -> Any:
     return reactor
 
 
-def reloadOnSighup(authorizer: Authorizer | None, reactor: Any = None) -> None:
-    """SIGHUP (`systemctl reload`) re-reads the authorization policy (a bad new one is logged,
-    the old one kept); without a policy it is only logged: its default action would end the
-    process at once, without a drain. Installed after startup, like exitZeroOnSigterm."""
+def reloadOnSighup(authorizer: Authorizer | None, reactor: Any = None,
+                   nothingToReread: str = "no --authz-policy to re-read") -> None:
+    """SIGHUP (`systemctl reload`, or a closed terminal) re-reads the authorization policy (a
+    bad new one is logged, the old one kept); without a policy (and in a worker) it is only
+    logged: its default action would end the process at once, without a drain. Installed after
+    startup, like exitZeroOnSigterm."""
     reactor = reactor or _defaultReactor()
 
     def reload() -> None:
         if authorizer is None:
-            log.info("SIGHUP: no --authz-policy to re-read")
+            log.info("SIGHUP: {nothing}", nothing=nothingToReread)
         else:
             authorizer.reload()
 

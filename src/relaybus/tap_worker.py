@@ -3,12 +3,18 @@
 from twisted.application.service import IService
 
 from relaybus.options import WorkerOptions as Options
-from relaybus.service import WorkerService, exitZeroOnSigterm, tuneGarbageCollector
+from relaybus.service import (
+    WorkerService,
+    exitZeroOnSigterm,
+    reloadOnSighup,
+    tuneGarbageCollector,
+)
 
 
 def makeService(options: Options) -> IService:
     exitZeroOnSigterm()
     tuneGarbageCollector()
+    reloadOnSighup(None, nothingToReread="a worker has nothing to re-read")
     return WorkerService(options.config, options.registry)
 
 

@@ -101,6 +101,20 @@ def test_sigterm_closes_idle_connections_with_1001(provider, makeStack, connect)
     waitForCleanExit(stack.gateway)
 
 
+def test_sighup_is_logged_and_both_processes_keep_serving(makeStack, connect):
+    """SIGHUP's default action ends a process with no drain: a reload (`systemctl reload`) or
+    a closed terminal must not take the gateway or a worker down."""
+    stack = makeStack("rabbitmq")
+    client = connect(stack)
+    worker = stack.workers[0]
+    worker.signal(signal.SIGHUP)
+    stack.gateway.signal(signal.SIGHUP)
+    worker.waitForLog("SIGHUP: a worker has nothing to re-read")
+    stack.gateway.waitForLog("SIGHUP: no --authz-policy to re-read")
+    assert client.call("echo", "still here").data == "still here"
+    assert worker.running and stack.gateway.running
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["relaybus", "--broker", "ftp://x"], "broker must be 'memory' or an amqp://"),
     (["relaybus", "--max-in-flight", "0"], "must be a positive integer, not 0"),
