@@ -6,7 +6,7 @@
  * "N log entries dropped" entry as soon as one can be sent.
  */
 
-import { State, utf8Length } from "./websocketClient.js";
+import { redactTokenShapes, State, utf8Length } from "./websocketClient.js";
 
 export const LOG_LEVELS = Object.freeze(["debug", "info", "warn", "error"]);
 export const MAX_LOG_MESSAGE_LENGTH = 8192;
@@ -110,9 +110,10 @@ export class RelaybusLogger {
   constructor(client, options = {}) {
     this.options = { ...LOGGER_DEFAULTS, ...options };
     this._client = client;
-    // Nothing the client knows as a token leaves in a log entry (it would reach the gateway's log).
+    // No token leaves in a log entry (it would reach the gateway's log): those the client knows,
+    // and anything shaped like one (a token the token function has not returned yet, say).
     this._redact = typeof client.redact === "function" ? (text) => client.redact(text)
-      : noRedaction;
+      : redactTokenShapes;
     this.level = this.options.level;
     this._context = options.context;
     this._queue = [];

@@ -50,6 +50,16 @@ const MIN_REFRESH_GAP_MS = 1000; // between two refreshes, whatever the clocks s
 const MAX_TIMER_MS = 2 ** 31 - 1; // setTimeout fires at once beyond this
 const REFUSED_TOKENS_KEPT = 8;
 const NO_ATTEMPT = Symbol("no socket was opened");
+// What the gateway redacts from its own logs (admission.py's _SECRETS_IN_TEXT): a query-string
+// token, a bearer subprotocol entry, a `Bearer` value, and a JWS in compact form (its header is
+// base64url JSON, so it starts with "eyJ"; the signature may be empty).
+const SECRET_PATTERNS = [
+  /(access_token=)[^&\s"']*/gi,
+  /(base64url\.bearer\.relaybus\.)[A-Za-z0-9_-]*/gi,
+  /(bearer\s+)[A-Za-z0-9._~+/=-]+/gi,
+  /()eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*/g,
+];
+
 
 /** Bytes of `text` encoded as UTF-8: what the gateway's maxMessageBytes counts. */
 export function utf8Length(text) {
@@ -64,6 +74,16 @@ export function base64url(text) {
     binary += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
   }
   return btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+/**
+ * `text` with every token-looking value replaced by `[redacted]`, whoever's it is: a JWT, a
+ * bearer subprotocol entry, a `Bearer` value, an `access_token=` parameter.
+ */
+export function redactTokenShapes(text) {
+  let result = String(text);
+  for (const pattern of SECRET_PATTERNS) result = result.replace(pattern, "$1[redacted]");
+  return result;
 }
 
 /** The subprotocol list a handshake with `token` offers; the gateway echoes `relaybus.v1`. */
@@ -316,8 +336,10 @@ export class RelaybusClient extends EventTarget {
   }
 
   /**
-   * `text` with every token this client knows replaced by `[redacted]` (and any bearer
-   * subprotocol entry): the logger ships nothing through it that would show one.
+   * `text` with every token this client knows replaced by `[redacted]`, and anything shaped
+   * like a token (redactTokenShapes): a JWT the token source has not handed over yet, or one
+   * the client no longer holds, is a JWT still. The logger ships nothing through it that would
+   * show one.
    */
   redact(text) {
     let result = String(text);
@@ -326,7 +348,7 @@ export class RelaybusClient extends EventTarget {
         if (form.length > 0) result = result.split(form).join("[redacted]");
       }
     }
-    return result.replace(/(base64url\.bearer\.relaybus\.)[A-Za-z0-9_-]*/gi, "$1[redacted]");
+    return redactTokenShapes(result);
   }
 
   // Internals

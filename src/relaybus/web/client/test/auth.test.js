@@ -20,6 +20,15 @@ function authClient(token, options = {}) {
   return { client, sockets: Socket.instances, socket: () => Socket.instances.at(-1) };
 }
 
+/** A JWS-shaped token for `sub` (nothing here checks its signature: the tests play the gateway). */
+function jwt(sub, tag = "") {
+  const part = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
+  return `${part({ alg: "HS256", typ: "JWT" })}.${part({ sub, jti: tag })}.`
+    + Buffer.from(`signature ${tag}`).toString("base64url");
+}
+
+const [A1, A2, A3] = ["1", "2", "3"].map((tag) => jwt("alice", tag));
+
 /** A token function that answers from `tokens` (the last one sticks) and records its calls. */
 function tokenFunction(...tokens) {
   const calls = [];
@@ -514,6 +523,54 @@ describe("the token stays out of logs", () => {
     assert.ok(!shipped.includes(token), shipped);
     assert.ok(!shipped.includes(entry.slice(BEARER_SUBPROTOCOL_PREFIX.length)), shipped);
     assert.ok(!shipped.includes(Buffer.from(token).toString("base64url")), shipped);
+    client.close();
+  });
+
+  test("a token logged before the token function returned it, and after a refresh and a reconnect", async () => {
+    const minted = [A1, A2, A3];
+    let logger = null;
+    const source = async () => {
+      await null; // (the logger is created just after the client)
+      const token = minted[0];
+      if (minted.length > 1) minted.shift();
+      logger.info(`minted ${token}`, { token }); // the client does not know it yet
+      return token;
+    };
+    const { client, socket } = authClient(source);
+    logger = createLogger(client);
+    await settle();
+    helloAs(socket(), { sub: "alice", expiresAt: NOW + 4000 });
+    mock.timers.tick(2000); // refreshed in-band with A2...
+    await settle();
+    socket().receive({ type: "auth-ok", expiresAt: NOW + 600_000 });
+    logger.warn(`the old one was ${A1}`);
+    logger.flush();
+    const shipped = [socket().sentOfType("client-log")];
+    socket().drop(1006); // ...then a new connection, with A3
+    mock.timers.tick(250);
+    await settle();
+    helloAs(socket());
+    logger.flush();
+    shipped.push(socket().sentOfType("client-log"));
+    const text = JSON.stringify(shipped);
+    assert.equal(shipped.flat().flatMap((frame) => frame.entries).length, 4, text);
+    for (const token of [A1, A2, A3]) {
+      assert.ok(!text.includes(token) && !text.includes(token.split(".")[2]), text);
+    }
+    assert.match(text, /minted \[redacted\]/);
+    client.close();
+  });
+
+  test("token shapes are redacted whoever's they are; ordinary text is left alone", () => {
+    const { client } = authClient(null);
+    const other = jwt("someone-else");
+    assert.equal(client.redact(`a ${other}, and ${other.slice(0, -3)}`), "a [redacted], and [redacted]");
+    assert.equal(client.redact("Authorization: Bearer abc.def-ghi"), "Authorization: Bearer [redacted]");
+    assert.equal(client.redact("GET /ws?access_token=abc&x=1"), "GET /ws?access_token=[redacted]&x=1");
+    assert.equal(client.redact("base64url.bearer.relaybus.ZXlKaGJH"), "base64url.bearer.relaybus.[redacted]");
+    for (const plain of ["the eye.of.a needle", "version 1.2.3", "eyJ. nothing", "Bearer"]) {
+      assert.equal(client.redact(plain), plain);
+    }
     client.close();
   });
 
