@@ -27,6 +27,8 @@ export const CLIENT_DEFAULTS = Object.freeze({
   maxDelayMs: 10_000,
   jitter: "full",
   connectTimeoutMs: 10_000,
+  // A token function that has not answered by then is given up: that attempt (or refresh) failed.
+  tokenTimeoutMs: 10_000,
   refreshAheadMs: 60_000,
   unauthorizedAfter: 2,
   // ... and over at least this long: a network blip of a second is not the gateway's 401.
@@ -203,6 +205,10 @@ export class RelaybusClient extends EventTarget {
         throw new TypeError(`${name} must be a number of milliseconds >= 0`);
       }
     }
+    const { tokenTimeoutMs } = this.options;
+    if (!(Number.isFinite(tokenTimeoutMs) && tokenTimeoutMs > 0)) {
+      throw new TypeError("tokenTimeoutMs must be a number of milliseconds > 0");
+    }
     checkTokenSource(options.token);
     this._url = url;
     this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
@@ -372,11 +378,27 @@ export class RelaybusClient extends EventTarget {
     this.dispatchEvent(new CustomEvent(state, { detail: full }));
   }
 
-  /** Ask the token source (a string is its own answer); may return a promise. */
+  /**
+   * Ask the token source (a string is its own answer); may return a promise, which rejects
+   * when the function has not answered within tokenTimeoutMs (its late answer is dropped).
+   */
   _askToken(reason) {
     const source = this._tokenSource;
     if (typeof source !== "function") return source;
-    return source({ forceRefresh: reason !== "connect" || this._forceRefresh, reason });
+    const answer = source({ forceRefresh: reason !== "connect" || this._forceRefresh, reason });
+    if (!isPromiseLike(answer)) return answer;
+    const { tokenTimeoutMs } = this.options;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new RelaybusError(ErrorCode.TIMEOUT,
+        `the token function did not answer within ${tokenTimeoutMs} ms`)), tokenTimeoutMs);
+      Promise.resolve(answer).then((token) => {
+        clearTimeout(timer);
+        resolve(token);
+      }, (error) => {
+        clearTimeout(timer);
+        reject(error);
+      });
+    });
   }
 
   /**

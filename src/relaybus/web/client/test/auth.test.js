@@ -48,6 +48,13 @@ function offeredToken(socket) {
   return Buffer.from(entry.slice(BEARER_SUBPROTOCOL_PREFIX.length), "base64url").toString();
 }
 
+/** A promise and its resolve function: a token function's answer the test gives when it likes. */
+function deferred() {
+  let resolve;
+  const promise = new Promise((r) => { resolve = r; });
+  return { promise, resolve };
+}
+
 function helloAs(socket, principal = { sub: "alice", expiresAt: NOW + 3_600_000 }) {
   socket.open();
   socket.receive({ type: "hello", connectionId: "conn-1", protocol: 1, limits: LIMITS,
@@ -504,6 +511,97 @@ describe("the unauthorized state", () => {
     helloAs(socket(), { sub: "anonymous", expiresAt: null });
     assert.equal(client.state, State.OPEN);
     client.close();
+  });
+});
+
+describe("a token function that does not answer", () => {
+  test("is given up after tokenTimeoutMs (10 s): a failed attempt, retried; its late answer is not used", async () => {
+    const answers = [deferred(), deferred()];
+    const calls = [];
+    const source = (hint) => {
+      calls.push(hint);
+      return answers[calls.length - 1]?.promise ?? Promise.resolve(A3);
+    };
+    const { client, sockets, socket } = authClient(source);
+    const reconnecting = [];
+    client.addEventListener("reconnecting", (event) => reconnecting.push(event.detail));
+    mock.timers.tick(9_999);
+    await settle();
+    assert.equal(client.state, State.CONNECTING);
+    mock.timers.tick(1);
+    await settle();
+    assert.equal(client.state, State.RECONNECTING);
+    assert.equal(reconnecting[0].error.code, ErrorCode.TIMEOUT);
+    assert.equal(reconnecting[0].reason, "the token function did not answer within 10000 ms");
+    mock.timers.tick(250);
+    await settle();
+    assert.equal(calls.length, 2, "asked again after the backoff delay");
+    answers[0].resolve(A1); // the abandoned call answers while the next one is under way
+    await settle();
+    assert.equal(sockets.length, 0, "a late answer opens no socket");
+    answers[1].resolve(A2);
+    await settle();
+    assert.equal(sockets.length, 1);
+    assert.equal(offeredToken(socket()), A2);
+    helloAs(socket());
+    assert.equal(client.state, State.OPEN);
+    client.close();
+  });
+
+  test("while refreshing: given up, asked again later; its late token is not sent", async () => {
+    const refresh = deferred();
+    const calls = [];
+    const source = async (hint) => {
+      calls.push(hint);
+      return [A1, refresh.promise, A2][calls.length - 1] ?? A2;
+    };
+    const { client, socket } = authClient(source, { tokenTimeoutMs: 5000 });
+    await settle();
+    helloAs(socket(), { sub: "alice", expiresAt: NOW + 600_000 });
+    mock.timers.tick(540_000);
+    await settle();
+    assert.equal(calls.length, 2);
+    mock.timers.tick(5000); // given up...
+    await settle();
+    mock.timers.tick(1000); // ...and asked again a second later
+    await settle();
+    assert.equal(calls.length, 3);
+    assert.deepEqual(socket().sentOfType("auth").map((f) => f.token), [A2]);
+    refresh.resolve(A3);
+    await settle();
+    assert.deepEqual(socket().sentOfType("auth").map((f) => f.token), [A2]);
+    client.close();
+  });
+
+  test("while `unauthorized`: the poll is given up and polling goes on", async () => {
+    const poll = deferred();
+    const calls = [];
+    const source = async (hint) => {
+      calls.push(hint);
+      return [42, poll.promise][calls.length - 1] ?? A1;
+    };
+    const { client, sockets, socket } = authClient(source, { tokenTimeoutMs: 5000 });
+    await settle();
+    assert.equal(client.state, State.UNAUTHORIZED);
+    mock.timers.tick(250);
+    await settle();
+    assert.equal(calls.length, 2);
+    mock.timers.tick(5000);
+    await settle();
+    mock.timers.tick(500);
+    await settle();
+    assert.equal(calls.length, 3);
+    assert.equal(offeredToken(socket()), A1);
+    poll.resolve(A2);
+    await settle();
+    assert.equal(sockets.length, 1);
+    client.close();
+  });
+
+  test("tokenTimeoutMs must be a positive number of milliseconds", () => {
+    for (const bad of [0, -1, Number.NaN, Infinity, "10"]) {
+      assert.throws(() => authClient(A1, { tokenTimeoutMs: bad }), TypeError);
+    }
   });
 });
 
