@@ -2,7 +2,8 @@
 (`--jwt-secret-file`, `--jwt-leeway 0`), RabbitMQ and a worker running the security suite's
 whoami handler: the token travels in the subprotocol list, the worker sees the principal, a
 short-lived token is refreshed in-band, and a token the gateway refuses (401 at the handshake,
-which the page cannot see) or one that expired (4401) stops the reconnect loop."""
+which the page cannot see) or one that expired (4401) stops the reconnect loop; setToken()
+with a token of the same sub refreshes in-band, one of another sub reconnects as that one."""
 
 from __future__ import annotations
 
@@ -133,3 +134,28 @@ def test_an_expired_string_token_closes_4401_and_the_client_stops(secured, tab):
     assert [u["reason"] for u in tab.evaluate("() => harness.unauthorized")] == ["expired"]
     assert secured.gateway.metrics()["relaybus_tokens_expired_total"] == 1
     assert refusedHandshakes(secured) == 0  # the expired token was not offered again
+
+
+def test_set_token_of_the_same_sub_refreshes_in_band_and_of_another_sub_reconnects(secured, tab):
+    alice, _ = mint("alice")
+    aliceAgain, aliceAgainExp = mint("alice", expiresIn=900)
+    bob, bobExp = mint("bob")
+    tab.openHarness(secured.gateway)
+    connectionId = tab.connect(token=alice, **BACKOFF)
+    tab.evaluate("token => harness.client.setToken(token)", aliceAgain)
+    tab.waitFor("exp => harness.authEvents.some(e => e.ok && e.expiresAt === exp)",
+                "the auth-ok for alice's new token", aliceAgainExp * 1000)
+    assert tab.evaluate("() => harness.client.connectionId") == connectionId
+
+    tab.evaluate("token => harness.client.setToken(token)", bob)
+    tab.waitFor("id => harness.client.state === 'open' && harness.client.connectionId !== id",
+                "a new connection with bob's token", connectionId)
+    assert tab.evaluate("() => harness.client.principal") == {"sub": "bob",
+                                                              "expiresAt": bobExp * 1000}
+    run = whoami(tab, "as-bob")
+    assert run["error"] is None and run["data"] == {"principal": "bob"}, pretty(run)
+    # bob's token never went in-band (the gateway would have refused it: another sub)
+    assert secured.gateway.metrics()["relaybus_token_refreshes_refused_total"] == 0
+    for token in (alice, aliceAgain, bob):
+        assertNoTokenIn(secured.gateway.log, token)
+        assertNoTokenIn("\n".join(tab.console), token)

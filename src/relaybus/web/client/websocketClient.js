@@ -52,6 +52,7 @@ const MIN_REFRESH_GAP_MS = 1000; // between two refreshes, whatever the clocks s
 const MAX_TIMER_MS = 2 ** 31 - 1; // setTimeout fires at once beyond this
 const REFUSED_TOKENS_KEPT = 8;
 const NO_ATTEMPT = Symbol("no socket was opened");
+const decoder = new TextDecoder("utf-8", { fatal: true });
 // What the gateway redacts from its own logs (admission.py's _SECRETS_IN_TEXT): a query-string
 // token, a bearer subprotocol entry, a `Bearer` value, and a JWS in compact form (its header is
 // base64url JSON, so it starts with "eyJ"; the signature may be empty).
@@ -61,7 +62,6 @@ const SECRET_PATTERNS = [
   /(bearer\s+)[A-Za-z0-9._~+/=-]+/gi,
   /()eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*/g,
 ];
-
 
 /** Bytes of `text` encoded as UTF-8: what the gateway's maxMessageBytes counts. */
 export function utf8Length(text) {
@@ -86,6 +86,22 @@ export function redactTokenShapes(text) {
   let result = String(text);
   for (const pattern of SECRET_PATTERNS) result = result.replace(pattern, "$1[redacted]");
   return result;
+}
+
+/**
+ * The `sub` claim of a JWT's payload, or null: read WITHOUT checking the signature (only the
+ * gateway can). Enough to tell that a token names another principal than the connection's.
+ */
+function unverifiedSub(token) {
+  const payload = typeof token === "string" ? token.split(".")[1] : undefined;
+  if (!payload) return null;
+  try {
+    const binary = atob(payload.replace(/-/g, "+").replace(/_/g, "/"));
+    const claims = JSON.parse(decoder.decode(Uint8Array.from(binary, (c) => c.charCodeAt(0))));
+    return typeof claims?.sub === "string" ? claims.sub : null;
+  } catch {
+    return null;
+  }
 }
 
 /** The subprotocol list a handshake with `token` offers; the gateway echoes `relaybus.v1`. */
@@ -235,10 +251,10 @@ export class RelaybusClient extends EventTarget {
     this._forceRefresh = false; // the next ask says the last token may be stale
     this._refreshTimer = null;
     this._refreshDueAt = null;
-    this._refreshPending = null; // {token, timer}: an auth frame awaiting its answer
+    this._refreshPending = null; // {token, timer}: a refresh from the ask to the answer
     this._refreshRefused = null; // the token this connection's gateway refused in-band
     this._refreshFailures = 0;
-    this._refreshQueued = false; // setToken() while an auth frame awaited its answer
+    this._refreshQueued = false; // setToken() while a refresh was under way
     this._lastRefreshAt = null;
     /** The gateway's limits from its latest hello (kept across reconnects), or null. */
     this.limits = null;
@@ -298,20 +314,30 @@ export class RelaybusClient extends EventTarget {
 
   /**
    * Replace the token source (a string, a function, or null for none). While open, the new
-   * token is sent at once as an in-band refresh; while `reconnecting` or `unauthorized`, the
-   * client connects with it now.
+   * token is sent at once as an in-band refresh when it names the connection's `sub`;
+   * otherwise (another `sub`, no token, a token whose `sub` cannot be read) the client
+   * reconnects with it, so that the gateway's principal is the one the token proves. While
+   * `connecting`, the attempt starts again with it; while `reconnecting` or `unauthorized`,
+   * the client connects with it now.
    */
   setToken(token) {
     checkTokenSource(token);
     const same = (token ?? null) === this._tokenSource;
     this._tokenSource = token ?? null;
-    if (same && this.state === State.UNAUTHORIZED) return; // the same refused token: no storm
+    // The same refused token: no storm; the attempt under way offers it already.
+    if (same && (this.state === State.UNAUTHORIZED || this.state === State.CONNECTING)) return;
     this._refused = [];
     this._suspect = null;
     this._refreshRefused = null;
-    if (this.state === State.OPEN && this._tokenSource !== null && this._canRefresh()) {
-      if (this._refreshPending === null) this._refreshNow();
-      else this._refreshQueued = true; // answers come in order: send it after this one's
+    if (this.state === State.OPEN && this.principal !== null) { // the gateway authenticates
+      if (this._authInFlight !== null) {
+        this._refreshQueued = true; // answers come in order: send it after this one's
+      } else {
+        this._refreshPending = null; // a token still being asked is the old source's: dropped
+        this._refreshNow();
+      }
+    } else if (this.state === State.CONNECTING) {
+      this._restart(undefined, "the token changed");
     } else if (this.state === State.UNAUTHORIZED || this.state === State.RECONNECTING) {
       this.connect();
     }
@@ -430,10 +456,10 @@ export class RelaybusClient extends EventTarget {
       && this._accepted.until > Date.now();
   }
 
-  _connect(preset) {
+  _connect(preset, detail = {}) {
     const generation = ++this._generation;
     this._attemptToken = NO_ATTEMPT;
-    this._setState(State.CONNECTING, { retry: this._failures });
+    this._setState(State.CONNECTING, { retry: this._failures, ...detail });
     if (this._generation !== generation) return; // a state listener closed or reconnected
     let target;
     try {
@@ -522,6 +548,24 @@ export class RelaybusClient extends EventTarget {
       this._socketGone(null, `no hello from the gateway within ${this.options.connectTimeoutMs} ms`);
       socket.close();
     }, this.options.connectTimeoutMs);
+  }
+
+  /**
+   * Drop the socket on purpose (no failure: no backoff, nothing concluded about its token) and
+   * connect again at once, with `preset.token` when given, else with what the source gives.
+   */
+  _restart(preset, reason) {
+    const socket = this._socket;
+    clearTimeout(this._helloTimer);
+    this._stopRefreshing();
+    this._socket = null;
+    this.connectionId = null;
+    this._opened = false;
+    this._connectionToken = null;
+    if (socket !== null && socket.readyState <= 1 /* CONNECTING or OPEN */) {
+      socket.close(1000, reason);
+    }
+    this._connect(preset, { code: 1000, reason });
   }
 
   _attemptFailed(generation, error) {
@@ -684,11 +728,6 @@ export class RelaybusClient extends EventTarget {
     this._scheduleRefresh(expiresAt);
   }
 
-  /** The gateway authenticated this connection: it answers `auth` frames. */
-  _canRefresh() {
-    return this.principal !== null && expiryOf(this.principal.expiresAt) !== null;
-  }
-
   /** Refresh when `refreshAheadMs` is left, but not before half the remaining lifetime. */
   _scheduleRefresh(expiresAt) {
     clearTimeout(this._refreshTimer);
@@ -711,8 +750,13 @@ export class RelaybusClient extends EventTarget {
     }, Math.min(MAX_TIMER_MS, Math.max(0, dueAt - Date.now())));
   }
 
-  /** Nothing new to send (or no answer): ask again later, backing off up to maxDelayMs. */
+  /**
+   * Nothing new to send: ask again later, backing off up to maxDelayMs. Only a function can
+   * give something new: a string (or no token) is not asked again, and its connection ends
+   * with 4401 at the token's expiry.
+   */
   _refreshLater() {
+    if (typeof this._tokenSource !== "function") return;
     const { initialDelayMs, maxDelayMs } = this.options;
     const delayMs = Math.min(maxDelayMs, initialDelayMs * 2 ** this._refreshFailures);
     this._refreshFailures += 1;
@@ -724,42 +768,79 @@ export class RelaybusClient extends EventTarget {
     this._refreshTimer = null;
     const socket = this._socket;
     if (this.state !== State.OPEN || socket === null || this._refreshPending !== null) return;
-    const current = () => this._socket === socket && this.state === State.OPEN
-      && this._refreshPending === null;
+    // One refresh at a time, from the ask to the answer: an answer is always this one's.
+    const pending = { token: null, timer: null };
+    this._refreshPending = pending;
+    const current = () => this._socket === socket && this._refreshPending === pending;
     let token;
     try {
       token = this._askToken("refresh");
     } catch {
-      this._refreshLater();
+      this._refreshEnded();
       return;
     }
     Promise.resolve(token).then((value) => {
-      if (!current()) return;
-      if (typeof value !== "string" || tokenProblem(value) !== null
-          || value === this._connectionToken || value === this._refreshRefused) {
-        this._refreshLater();
-        return;
-      }
-      this._lastRefreshAt = Date.now();
-      try {
-        this.send({ type: "auth", token: value });
-      } catch {
-        this._refreshLater();
-        return;
-      }
-      const timer = setTimeout(() => { // an answer that never comes must not stop refreshing
-        if (this._refreshPending?.timer !== timer) return;
-        this._refreshPending = null;
-        this._refreshLater();
-      }, this.options.connectTimeoutMs);
-      this._refreshPending = { token: value, timer };
+      if (current()) this._offerToken(pending, socket, value ?? null);
     }, () => {
-      if (current()) this._refreshLater();
+      if (current()) this._refreshEnded();
     });
   }
 
-  _refreshAccepted(rawExpiresAt) {
+  /** The source's answer on an open connection: an `auth` frame, a new connection, or nothing. */
+  _offerToken(pending, socket, token) {
+    if (tokenProblem(token) !== null || token === this._connectionToken
+        || (token !== null && token === this._refreshRefused)) {
+      this._refreshEnded();
+      return;
+    }
+    if (this._namesAnotherPrincipal(token)) {
+      this._restart({ token }, "the token changed to another principal");
+      return;
+    }
+    this._lastRefreshAt = Date.now();
+    try {
+      this.send({ type: "auth", token });
+    } catch {
+      this._refreshEnded();
+      return;
+    }
+    pending.token = token;
+    pending.timer = setTimeout(() => {
+      if (this._refreshPending !== pending) return;
+      // The gateway's answers name no auth frame: a late one would be taken for the next
+      // token's. A new connection leaves no doubt about which token it holds.
+      this._socketGone(null,
+        `no answer to an auth frame within ${this.options.connectTimeoutMs} ms`);
+      socket.close();
+    }, this.options.connectTimeoutMs);
+  }
+
+  /**
+   * Whether `token` (not the one the connection holds) may prove someone else than this
+   * connection's principal: no token, a token on an anonymous connection, or one whose
+   * payload's `sub` (read unverified) is not the connection's. The gateway refuses a refresh
+   * with another `sub`: only a new connection can hold it.
+   */
+  _namesAnotherPrincipal(token) {
+    if (token === null || this._connectionToken === null) return true;
+    return unverifiedSub(token) !== this.principal.sub;
+  }
+
+  /** The refresh ended without an `auth` frame in flight: the queued one, or a later one. */
+  _refreshEnded() {
+    this._refreshPending = null;
+    this._refreshLater();
+    this._sendQueuedRefresh();
+  }
+
+  /** The auth frame in flight, or null (none was sent, or its token is still being asked). */
+  get _authInFlight() {
     const pending = this._refreshPending;
+    return pending !== null && pending.timer !== null ? pending : null;
+  }
+
+  _refreshAccepted(rawExpiresAt) {
+    const pending = this._authInFlight;
     if (pending === null) return;
     clearTimeout(pending.timer);
     this._refreshPending = null;
@@ -780,7 +861,7 @@ export class RelaybusClient extends EventTarget {
   }
 
   _refreshRefusedBy(error) {
-    const pending = this._refreshPending;
+    const pending = this._authInFlight;
     if (pending === null) return;
     clearTimeout(pending.timer);
     this._refreshPending = null;

@@ -55,6 +55,17 @@ function deferred() {
   return { promise, resolve };
 }
 
+/** Counts the timers armed from now on (wrapping the mocked setTimeout); `stop()` unwraps. */
+function countTimers() {
+  const original = globalThis.setTimeout;
+  const counter = { armed: 0, stop: () => { globalThis.setTimeout = original; } };
+  globalThis.setTimeout = (...args) => {
+    counter.armed += 1;
+    return original(...args);
+  };
+  return counter;
+}
+
 function helloAs(socket, principal = { sub: "alice", expiresAt: NOW + 3_600_000 }) {
   socket.open();
   socket.receive({ type: "hello", connectionId: "conn-1", protocol: 1, limits: LIMITS,
@@ -145,7 +156,7 @@ describe("the token at the handshake", () => {
 
 describe("refreshing the token in-band", () => {
   test("ahead of hello's expiresAt; auth-ok moves the schedule on", async () => {
-    const token = tokenFunction("t1", "t2", "t3");
+    const token = tokenFunction(A1, A2, A3);
     const { client, socket } = authClient(token, { refreshAheadMs: 60_000 });
     const auth = authEvents(client);
     await settle();
@@ -157,7 +168,7 @@ describe("refreshing the token in-band", () => {
     mock.timers.tick(1);
     await settle();
     assert.deepEqual(token.calls[1], { forceRefresh: true, reason: "refresh" });
-    assert.deepEqual(socket().sentOfType("auth"), [{ type: "auth", token: "t2" }]);
+    assert.deepEqual(socket().sentOfType("auth"), [{ type: "auth", token: A2 }]);
 
     const renewedUntil = Date.now() + 600_000;
     socket().receive({ type: "auth-ok", expiresAt: renewedUntil });
@@ -168,13 +179,13 @@ describe("refreshing the token in-band", () => {
     assert.equal(socket().sentOfType("auth").length, 1, "the new expiry sets the next refresh");
     mock.timers.tick(1);
     await settle();
-    assert.deepEqual(socket().sentOfType("auth").at(-1), { type: "auth", token: "t3" });
+    assert.deepEqual(socket().sentOfType("auth").at(-1), { type: "auth", token: A3 });
     assert.equal(client.state, State.OPEN);
     client.close();
   });
 
   test("a short-lived token is refreshed at half its remaining lifetime", async () => {
-    const token = tokenFunction("t1", "t2");
+    const token = tokenFunction(A1, A2);
     const { client, socket } = authClient(token);
     await settle();
     helloAs(socket(), { sub: "alice", expiresAt: NOW + 4000 });
@@ -183,12 +194,12 @@ describe("refreshing the token in-band", () => {
     assert.equal(socket().sentOfType("auth").length, 0);
     mock.timers.tick(1);
     await settle();
-    assert.deepEqual(socket().sentOfType("auth"), [{ type: "auth", token: "t2" }]);
+    assert.deepEqual(socket().sentOfType("auth"), [{ type: "auth", token: A2 }]);
     client.close();
   });
 
   test("the token the connection holds already is not sent again; it is asked again later", async () => {
-    const token = tokenFunction("same");
+    const token = tokenFunction(A1);
     const { client, socket } = authClient(token);
     await settle();
     helloAs(socket(), { sub: "alice", expiresAt: NOW + 4000 });
@@ -199,15 +210,15 @@ describe("refreshing the token in-band", () => {
     mock.timers.tick(999);
     await settle();
     assert.equal(token.calls.length, 2, "at most one ask a second");
-    token.give("fresh");
+    token.give(A2);
     mock.timers.tick(1);
     await settle();
-    assert.deepEqual(socket().sentOfType("auth"), [{ type: "auth", token: "fresh" }]);
+    assert.deepEqual(socket().sentOfType("auth"), [{ type: "auth", token: A2 }]);
     client.close();
   });
 
   test("a refused refresh: an `auth` event, the connection goes on, the refused token is not resent", async () => {
-    const token = tokenFunction("t1", "other-sub");
+    const token = tokenFunction(A1, A2);
     const { client, socket } = authClient(token);
     const auth = authEvents(client);
     const unauthorized = unauthorizedEvents(client);
@@ -216,68 +227,83 @@ describe("refreshing the token in-band", () => {
     mock.timers.tick(2000);
     await settle();
     socket().receive({ type: "error", requestId: null,
-      error: { code: "unauthorized", message: "a refresh must keep the same sub" } });
+      error: { code: "unauthorized", message: "bad signature" } });
     assert.deepEqual(auth, [{ ok: false, code: ErrorCode.UNAUTHORIZED,
-      message: "a refresh must keep the same sub" }]);
+      message: "bad signature" }]);
     assert.equal(client.state, State.OPEN);
     assert.deepEqual(unauthorized, [], "the client did not stop: no `unauthorized` state");
     mock.timers.tick(1000);
     await settle();
     assert.equal(socket().sentOfType("auth").length, 1, "the refused token is not sent again");
-    token.give("t2");
+    token.give(A3);
     mock.timers.tick(2000);
     await settle();
-    assert.deepEqual(socket().sentOfType("auth").at(-1), { type: "auth", token: "t2" });
+    assert.deepEqual(socket().sentOfType("auth").at(-1), { type: "auth", token: A3 });
     client.close();
   });
 
-  test("a refresh that gets no answer is given up after connectTimeoutMs and asked again", async () => {
-    const token = tokenFunction("t1", "t2", "t3");
-    const { client, socket } = authClient(token, { connectTimeoutMs: 3000 });
+  test("an auth frame without an answer in connectTimeoutMs: a new connection; a late auth-ok is credited to nothing", async () => {
+    const token = tokenFunction(A1, A2, A3);
+    const { client, sockets, socket } = authClient(token, { connectTimeoutMs: 3000 });
+    const auth = authEvents(client);
     await settle();
     helloAs(socket(), { sub: "alice", expiresAt: NOW + 20_000 });
     mock.timers.tick(10_000);
     await settle();
-    assert.equal(socket().sentOfType("auth").length, 1);
-    mock.timers.tick(3000); // no answer: given up...
-    mock.timers.tick(1000); // ...and asked again a second later
+    const first = socket();
+    assert.deepEqual(first.sentOfType("auth").map((f) => f.token), [A2]);
+    mock.timers.tick(2999);
+    assert.equal(client.state, State.OPEN);
+    mock.timers.tick(1); // no answer: the gateway's answers name no auth frame, so no guessing
+    assert.equal(client.state, State.RECONNECTING);
+    assert.deepEqual(first.closedWith, { code: 1000, reason: "" });
+    mock.timers.tick(250);
     await settle();
-    assert.deepEqual(socket().sentOfType("auth").map((f) => f.token), ["t2", "t3"]);
+    assert.equal(sockets.length, 2);
+    assert.equal(offeredToken(socket()), A3);
+    helloAs(socket(), { sub: "alice", expiresAt: NOW + 600_000 });
+    first.receive({ type: "auth-ok", expiresAt: NOW + 900_000 }); // A2's answer, late
+    assert.deepEqual(auth, []);
+    assert.equal(client.principal.expiresAt, NOW + 600_000);
+    mock.timers.tick(1000);
+    await settle();
+    assert.deepEqual(first.sentOfType("auth").map((f) => f.token), [A2], "nothing more on it");
+    assert.deepEqual(socket().sentOfType("auth"), []);
     client.close();
   });
 
   test("setToken() while open sends the new token at once", async () => {
-    const { client, socket } = authClient("t1");
+    const { client, socket } = authClient(A1);
     helloAs(socket(), { sub: "alice", expiresAt: NOW + 600_000 });
-    client.setToken("t2");
+    client.setToken(A2);
     await settle();
-    assert.deepEqual(socket().sentOfType("auth"), [{ type: "auth", token: "t2" }]);
+    assert.deepEqual(socket().sentOfType("auth"), [{ type: "auth", token: A2 }]);
     socket().receive({ type: "auth-ok", expiresAt: NOW + 900_000 });
     assert.equal(client.principal.expiresAt, NOW + 900_000);
     client.close();
   });
 
   test("setToken() while a refresh awaits its answer sends the new token after that answer", async () => {
-    const token = tokenFunction("t1", "t2");
+    const token = tokenFunction(A1, A2);
     const { client, socket } = authClient(token);
     await settle();
     helloAs(socket(), { sub: "alice", expiresAt: NOW + 4000 });
     mock.timers.tick(2000);
     await settle();
-    assert.deepEqual(socket().sentOfType("auth").map((f) => f.token), ["t2"]);
-    client.setToken("t3");
+    assert.deepEqual(socket().sentOfType("auth").map((f) => f.token), [A2]);
+    client.setToken(A3);
     await settle();
     assert.equal(socket().sentOfType("auth").length, 1, "one auth frame at a time");
     socket().receive({ type: "auth-ok", expiresAt: NOW + 600_000 });
     await settle();
-    assert.deepEqual(socket().sentOfType("auth").map((f) => f.token), ["t2", "t3"]);
+    assert.deepEqual(socket().sentOfType("auth").map((f) => f.token), [A2, A3]);
     client.close();
   });
 
   test("no refresh without an expiry: a gateway without keys, and hostile expiresAt values", async () => {
     for (const principal of [null, { sub: "a", expiresAt: null }, { sub: "a", expiresAt: "soon" },
       { sub: "a", expiresAt: Number.NaN }, { sub: "a", expiresAt: 1e300 }, "alice", [1]]) {
-      const token = tokenFunction("t1", "t2");
+      const token = tokenFunction(A1, A2);
       const { client, socket } = authClient(token);
       await settle();
       helloAs(socket(), principal);
@@ -291,7 +317,7 @@ describe("refreshing the token in-band", () => {
   });
 
   test("auth-ok and unauthorized errors nobody asked for are ignored", () => {
-    const { client, socket } = authClient("t1");
+    const { client, socket } = authClient(A1);
     const auth = authEvents(client);
     helloAs(socket());
     socket().receive({ type: "auth-ok", expiresAt: 1 });
@@ -602,6 +628,191 @@ describe("a token function that does not answer", () => {
     for (const bad of [0, -1, Number.NaN, Infinity, "10"]) {
       assert.throws(() => authClient(A1, { tokenTimeoutMs: bad }), TypeError);
     }
+  });
+});
+
+describe("a token for another principal, or none", () => {
+  test("setToken(null) on an authenticated connection reconnects without a token", async () => {
+    const { client, sockets, socket } = authClient(A1);
+    const states = recordStates(client);
+    helloAs(socket());
+    const first = socket();
+    const inFlight = makeBackendRequest(client, "echo", 1);
+    client.setToken(null);
+    await settle();
+    assert.deepEqual(first.sentOfType("auth"), []);
+    assert.deepEqual(first.closedWith, { code: 1000, reason: "the token changed to another principal" });
+    assert.deepEqual(states, ["open", "connecting"], "on purpose: no backoff delay");
+    assert.equal(sockets.length, 2);
+    assert.equal(socket().argumentCount, 1, "no subprotocol: no token");
+    const outcome = await peek(inFlight);
+    assert.equal(outcome.reason.code, ErrorCode.DISCONNECTED);
+    helloAs(socket(), { sub: "anonymous", expiresAt: null });
+    assert.deepEqual(client.principal, { sub: "anonymous", expiresAt: null });
+    client.close();
+  });
+
+  test("setToken() with another sub reconnects with it; the same sub is refreshed in-band", async () => {
+    const bob = jwt("bob", "1");
+    const { client, sockets, socket } = authClient(A1);
+    helloAs(socket());
+    client.setToken(A2);
+    await settle();
+    assert.deepEqual(socket().sentOfType("auth").map((f) => f.token), [A2]);
+    socket().receive({ type: "auth-ok", expiresAt: NOW + 900_000 });
+    client.setToken(bob);
+    await settle();
+    assert.deepEqual(sockets[0].sentOfType("auth").map((f) => f.token), [A2]);
+    assert.equal(sockets.length, 2);
+    assert.equal(offeredToken(socket()), bob);
+    helloAs(socket(), { sub: "bob", expiresAt: NOW + 600_000 });
+    assert.equal(client.principal.sub, "bob");
+    client.close();
+  });
+
+  test("a token whose sub cannot be read is not sent in-band: a new connection decides", async () => {
+    for (const token of ["opaque", "a.b.c", `${A1.split(".")[0]}.bm90IGpzb24.x`,
+      jwt(42), `${A1.split(".")[0]}.${Buffer.from('{"name":"alice"}').toString("base64url")}.x`]) {
+      const { client, sockets, socket } = authClient(A1);
+      helloAs(socket());
+      client.setToken(token);
+      await settle();
+      assert.deepEqual(sockets[0].sentOfType("auth"), [], token);
+      assert.equal(offeredToken(socket()), token, token);
+      client.close();
+    }
+  });
+
+  test("a token function giving another sub at a refresh: reconnects with that token", async () => {
+    const bob = jwt("bob", "1");
+    const token = tokenFunction(A1, bob);
+    const { client, sockets, socket } = authClient(token);
+    await settle();
+    helloAs(socket(), { sub: "alice", expiresAt: NOW + 4000 });
+    mock.timers.tick(2000);
+    await settle();
+    assert.deepEqual(sockets[0].sentOfType("auth"), []);
+    assert.equal(sockets.length, 2);
+    assert.equal(offeredToken(socket()), bob);
+    assert.equal(token.calls.length, 2, "the token it gave is used, not asked again");
+    client.close();
+  });
+
+  test("a token on an anonymous connection reconnects with it (the refresh is for the same sub)", async () => {
+    const token = tokenFunction(null);
+    const { client, sockets, socket } = authClient(token);
+    await settle();
+    helloAs(socket(), { sub: "anonymous", expiresAt: null });
+    token.give(A1);
+    client.setToken(token); // the same function: asked again
+    await settle();
+    assert.equal(sockets.length, 2);
+    assert.equal(offeredToken(socket()), A1);
+    client.close();
+  });
+
+  test("setToken() while connecting starts the attempt again with the new token", async () => {
+    const { client, sockets, socket } = authClient(A1);
+    const first = socket();
+    client.setToken(A1);
+    assert.equal(sockets.length, 1, "the same token: the attempt goes on");
+    client.setToken(jwt("bob"));
+    assert.equal(first.readyState, FakeWebSocket.CLOSING);
+    assert.equal(sockets.length, 2);
+    assert.equal(offeredToken(socket()), jwt("bob"));
+    helloAs(first); // too late: that socket is forgotten
+    assert.equal(client.state, State.CONNECTING);
+    helloAs(socket(), { sub: "bob", expiresAt: NOW + 600_000 });
+    assert.equal(client.principal.sub, "bob");
+    client.close();
+  });
+
+  test("setToken() while a refresh still waits for the token function: the new source wins at once", async () => {
+    const slow = deferred();
+    const calls = [];
+    const source = async () => {
+      calls.push(1);
+      return calls.length === 1 ? A1 : slow.promise;
+    };
+    const { client, sockets, socket } = authClient(source);
+    await settle();
+    helloAs(socket(), { sub: "alice", expiresAt: NOW + 4000 });
+    mock.timers.tick(2000);
+    await settle();
+    assert.equal(calls.length, 2, "the refresh is asking");
+    client.setToken(null); // a logout
+    await settle();
+    assert.equal(sockets.length, 2);
+    assert.equal(socket().argumentCount, 1);
+    slow.resolve(A2);
+    await settle();
+    assert.deepEqual(sockets[0].sentOfType("auth"), [], "the old source's late token is dropped");
+    client.close();
+  });
+
+  test("a gateway without keys (no principal): setToken() changes nothing on the open connection", async () => {
+    const { client, sockets, socket } = authClient(A1);
+    helloAs(socket(), null);
+    client.setToken(null);
+    client.setToken(jwt("bob"));
+    await settle();
+    assert.equal(sockets.length, 1);
+    assert.deepEqual(socket().sentOfType("auth"), []);
+    assert.equal(client.state, State.OPEN);
+    client.close();
+  });
+});
+
+describe("a token that cannot change", () => {
+  test("setToken() with a string bringing nothing new re-arms nothing", async () => {
+    const { client, socket } = authClient(A1);
+    helloAs(socket(), { sub: "alice", expiresAt: NOW + 600_000 });
+    const timers = countTimers();
+    try {
+      client.setToken(A1); // an app that sets its token again on every render
+      await settle();
+      client.setToken(A2); // a refresh the gateway refuses
+      await settle();
+      socket().receive({ type: "error", requestId: null,
+        error: { code: "unauthorized", message: "bad signature" } });
+      const armed = timers.armed; // the auth frame's answer timer
+      assert.equal(armed, 1);
+      for (let i = 0; i < 60; i += 1) {
+        mock.timers.tick(10_000);
+        await settle();
+      }
+      assert.equal(timers.armed, armed, "nothing new can come from a string: no timer");
+      assert.deepEqual(socket().sentOfType("auth").map((f) => f.token), [A2]);
+      assert.equal(client.state, State.OPEN);
+    } finally {
+      timers.stop();
+    }
+    client.close();
+  });
+
+  test("a string token at its expiry: 4401, one `unauthorized` (expired), then nothing", async () => {
+    const { client, sockets, socket } = authClient(A1);
+    const unauthorized = unauthorizedEvents(client);
+    const states = recordStates(client);
+    helloAs(socket(), { sub: "alice", expiresAt: NOW + 4000 });
+    client.setToken(A1);
+    await settle();
+    mock.timers.tick(4000);
+    const timers = countTimers();
+    try {
+      socket().drop(CLOSE_TOKEN_EXPIRED, "the token expired");
+      for (let i = 0; i < 360; i += 1) {
+        mock.timers.tick(10_000);
+        await settle();
+      }
+      assert.equal(timers.armed, 1, "the reconnect's delay, then no timer at all");
+    } finally {
+      timers.stop();
+    }
+    assert.deepEqual(unauthorized.map((u) => u.reason), ["expired"]);
+    assert.deepEqual(states, ["open", "reconnecting", "connecting", "unauthorized"]);
+    assert.equal(sockets.length, 1);
+    client.close();
   });
 });
 
