@@ -266,6 +266,15 @@ class BrokerLink(Service):
     def ready(self) -> bool:
         return self.connection is not None and self.connection.is_open and not self.blocked
 
+    @property
+    def brokerNoticesDeathWithinS(self) -> int | None:
+        """How long RabbitMQ may take to notice that a connection of ours died silently (a
+        network cut): it checks for incoming bytes every heartbeat and gives up after two
+        checks saw none, 2 to 3 heartbeats after the last data. None: heartbeats are off,
+        and only TCP gives up (many minutes)."""
+        heartbeat = self._parameters.heartbeat
+        return 3 * heartbeat if isinstance(heartbeat, int) and heartbeat > 0 else None
+
     def startService(self) -> None:
         super().startService()
         link = self
