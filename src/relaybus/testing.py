@@ -206,8 +206,10 @@ class FakeChannel:
 
     Declarations, qos and confirm mode succeed at once; publishes and basic_cancel wait for
     the test (`PublishedMessage.confirm`, `cancelOks`); `holdConsumes` makes basic_consume
-    wait too (`heldConsumes`), for races during setup. The broker's side: `deliver`,
-    `returnMessage`, `closeByBroker`.
+    wait too (`heldConsumes`), for races during setup. An exclusive basic_consume on a queue
+    that has consumers already (`queueConsumers`) is refused as RabbitMQ refuses it: 403
+    ACCESS_REFUSED, the channel closes. The broker's side: `deliver`, `returnMessage`,
+    `closeByBroker`.
     """
 
     holdConsumes: bool = False
@@ -221,6 +223,8 @@ class FakeChannel:
     nacks: list[tuple[int, bool]] = attrs.field(factory=list)
     consumers: dict[str, ClosableDeferredQueue] = attrs.field(factory=dict)  # by queue name
     consumerTags: dict[str, str] = attrs.field(factory=dict)  # queue name -> consumer tag
+    # queue name -> basic_consume's keyword arguments (auto_ack, exclusive, ...)
+    consumeArguments: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     heldConsumes: list[Deferred[None]] = attrs.field(factory=list)
     cancelled: list[str] = attrs.field(factory=list)  # consumer tags, in order
     cancelOks: list[Deferred[Any]] = attrs.field(factory=list)
@@ -267,6 +271,12 @@ class FakeChannel:
 
     def basic_consume(self, queue: str, auto_ack: bool = False,
                       **arguments: Any) -> Deferred[Any]:
+        if arguments.get("exclusive") and self.queueConsumers.get(queue, 0) > 0:
+            refusal = ChannelClosedByBroker(
+                403, f"ACCESS_REFUSED - queue '{queue}' in vhost '/' in exclusive use")
+            self.closeByBroker(refusal)
+            return fail(refusal)
+        self.consumeArguments[queue] = {"auto_ack": auto_ack, **arguments}
         consumer = ClosableDeferredQueue()
         tag = f"ctag-{queue}"
         self.consumers[queue] = consumer

@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
 import select
 import signal
@@ -322,7 +323,9 @@ class CuttingProxy:
         self._listener = socket.create_server(("127.0.0.1", self.port))
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
+        self._clientSides: set[socket.socket] = set()  # of the open connections
         self._frozen: set[socket.socket] = set()
+        self._orphaned: set[socket.socket] = set()  # frozen, and the client side to reset
         self._plan: list[int] = []  # bytes after which to cut, for the next connections
         threading.Thread(target=self._accept, name="cutting-proxy", daemon=True).start()
 
@@ -345,6 +348,14 @@ class CuttingProxy:
         with self._lock:
             self._frozen |= self._open
 
+    def orphanAll(self) -> None:
+        """Reset the processes' side of the open connections and leave the broker's side open
+        and silent: the processes notice at once and reconnect, while the broker keeps the
+        old connections (and their consumers) until its heartbeats give up on them."""
+        with self._lock:
+            self._orphaned |= self._clientSides
+            self._frozen |= self._clientSides
+
     def close(self) -> None:
         self._listener.close()
         self.cutAll()
@@ -364,6 +375,7 @@ class CuttingProxy:
                 self.carried += 1
                 cutAfter = self._plan.pop(0) if self._plan else None
                 self._open |= {client, upstream}
+                self._clientSides.add(client)
             threading.Thread(target=self._pipe, args=(client, upstream, cutAfter),
                              daemon=True).start()
 
@@ -374,6 +386,9 @@ class CuttingProxy:
         try:
             while True:
                 if client in self._frozen:
+                    if client in self._orphaned and client.fileno() != -1:
+                        _reset(client)  # here: closed under this thread's select, the
+                        # select would fail, and the finally below reset the broker's side
                     time.sleep(0.1)
                     continue
                 readable, _, _ = select.select([client, upstream], [], [], 0.5)
@@ -394,6 +409,7 @@ class CuttingProxy:
         finally:
             with self._lock:
                 self._open -= {client, upstream}
+                self._clientSides.discard(client)
             _reset(client)
             _reset(upstream)
 
@@ -464,6 +480,33 @@ def test_a_silent_network_partition_is_noticed_by_heartbeats(broker, cuttingProx
           f"after the freeze (deadline 60 s); served again "
           f"{time.monotonic() - frozeAt:.1f} s after it")
     assert endedAfter < 30  # noticed by the heartbeat, not by the request's deadline
+
+
+def test_a_gateway_cut_off_takes_its_reply_queue_back_once_the_broker_drops_the_old_link(
+        broker, cuttingProxy, makeStack, connect, waitUntil):
+    """The gateway hears of the cut at once and reconnects; the broker still holds the old
+    connection and its exclusive reply consumer, so the gateway is refused, until the broker's
+    heartbeat check gives up on the old one: 2 to 3 heartbeats after its last bytes (at
+    heartbeat=2, 4-6 s; at the default 15 s, 30-45 s). Then the next retry takes over."""
+    gatewayId = f"gw-cut-{secrets.token_hex(3)}"
+    throughProxy = Broker(cuttingProxy.url(broker) + "?heartbeat=2", broker.vhost, managed=True)
+    stack = makeStack("rabbitmq", broker=throughProxy, gatewayArgs=("--gateway-id", gatewayId))
+    client = connect(stack)
+    assert client.call("echo", "before").data == "before"
+    mark = stack.mark()
+    cuttingProxy.orphanAll()
+    cutAt = time.monotonic()
+    waitUntil(lambda: "another connection consumes this gateway's reply queue"
+              in mark.since(stack.gateway), "the gateway to be refused its reply queue")
+    refusedAfter = time.monotonic() - cutAt
+    waitUntil(lambda: _echoWorks(client), "an echo to succeed after the broker dropped the "
+              "old connection", timeout=40, interval=0.2)
+    servedAfter = time.monotonic() - cutAt
+    since = mark.since(stack.gateway)
+    print(f"orphaned connections at heartbeat=2: refused {refusedAfter:.1f} s after the cut, "
+          f"served again after {servedAfter:.1f} s")
+    assert since.count("another connection consumes") == 1, since[-5000:]
+    assert re.search(r"connected and set up, after \d+ refused setups", since), since[-5000:]
 
 
 @pytest.mark.broker_wide

@@ -1,14 +1,18 @@
-"""RabbitMQ only: several gateways and workers on one broker, broker connection loss, a wrong
-password, an idempotent handler re-run after its worker dies, and handlers in-process.
+"""RabbitMQ only: several gateways and workers on one broker, two gateways given one id,
+broker connection loss, a wrong password, an idempotent handler re-run after its worker dies,
+and handlers in-process.
 (Worker faults under load are in test_worker_faults.py, broker faults in test_broker_faults.py.)"""
 
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import secrets
+import time
 
 import pytest
 
+from processfixtures import LATE_REPLIES
 from relaybus.harness import GatewayProcess
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.processes]
@@ -59,6 +63,46 @@ def test_two_gateways_two_workers_no_crosstalk(makeStack, connect):
                    for gateway, name in names]
         done = [f.result(timeout=60) for f in futures]
     assert sorted(done) == sorted(name for _, name in names)
+
+
+def test_a_second_gateway_with_the_same_id_is_refused_until_the_first_one_goes(
+        makeStack, connect, waitUntil):
+    """Both used to consume the one reply queue, and RabbitMQ dealt the replies out between
+    them: 10 of 20 echoes answered on each, the rest `timeout`. Now its consumer is
+    exclusive: the second is refused, says why once, stays not ready, and takes over."""
+    gatewayId = f"gw-twin-{secrets.token_hex(3)}"
+    stack = makeStack("rabbitmq", gatewayArgs=("--gateway-id", gatewayId))
+    first = stack.gateway
+    second = stack.startGateway("--gateway-id", gatewayId, wait=False)
+    refusal = (rf"AMQP relaybus gateway {gatewayId}: another connection consumes this "
+               rf"gateway's reply queue .* in exclusive use\): most likely another gateway "
+               rf"process with the same --gateway-id {gatewayId} is connected")
+    second.waitForLog(refusal)
+    assert second.httpStatus("/readyz") == 503
+    assert second.metrics()["relaybus_broker_ready"] == 0
+    refused = connect(second)
+    assert refused.collect(refused.request("echo", "refused")).code == "unavailable"
+
+    client = connect(first)
+    requestIds = {client.request("echo", {"n": n}): n for n in range(20)}
+    for requestId, n in requestIds.items():
+        assert client.collect(requestId).data == {"n": n}
+    assert first.metrics().get(LATE_REPLIES, 0.0) == 0
+    # Refused again and again (ClientService tells each retry), said once.
+    waitUntil(lambda: second.log.count("Scheduling retry") >= 3, "3 refused attempts")
+    assert second.httpStatus("/readyz") == 503
+    assert re.findall(r"\[relaybus\.amqp#(warn|error|critical)\]", second.log) == ["error"]
+
+    assert first.stop() == 0
+    stoppedAt = time.monotonic()
+    second.waitUntilReady(timeout=30)  # the next retry, 10 s at most after the first left
+    readyAfter = time.monotonic() - stoppedAt
+    assert connect(second).call("echo", "taken over").data == "taken over"
+    setUp = re.search(rf"AMQP relaybus gateway {gatewayId}: connected and set up, after (\d+) "
+                      r"refused setups", second.log)
+    assert setUp, second.log[-3000:]
+    print(f"same id: the first answered 20 of 20; the second, refused {setUp[1]} times with "
+          f"one error, was ready {readyAfter:.1f} s after the first stopped")
 
 
 def test_broker_connections_dropped_mid_request(isolatedBroker, makeStack, connect, waitUntil):

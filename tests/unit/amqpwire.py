@@ -48,13 +48,16 @@ def delivery(channel: int, consumerTag: str, deliveryTag: int, routingKey: str,
 
 class ScriptedBroker:
     """Answers what a real pika client writes as RabbitMQ would (each declaration, qos,
-    confirm.select and consume with its -ok), except basic.cancel: its cancel-ok is held, to
-    model deliveries that cross it. Call `pump()` after anything that makes the client write."""
+    confirm.select, consume and close with its -ok), except basic.cancel: its cancel-ok is
+    held, to model deliveries that cross it. A consume of a queue in `inExclusiveUse` is
+    refused as RabbitMQ refuses it (channel.close 403). Call `pump()` after anything that
+    makes the client write."""
 
     def __init__(self, protocol: Any, transport: Any) -> None:
         self._protocol = protocol
         self._transport = transport
         self._serverNamed = 0
+        self.inExclusiveUse: set[str] = set()  # by another connection
         self.consumerTags: dict[str, str] = {}  # queue -> consumer tag
         self.channelOf: dict[str, int] = {}  # queue -> the channel consuming it
 
@@ -76,6 +79,15 @@ class ScriptedBroker:
             return spec.Basic.QosOk()
         if isinstance(request, spec.Confirm.Select):
             return spec.Confirm.SelectOk()
+        if isinstance(request, spec.Basic.Consume) and request.queue in self.inExclusiveUse:
+            return spec.Channel.Close(
+                reply_code=403, class_id=60, method_id=20,
+                reply_text=f"ACCESS_REFUSED - queue '{request.queue}' in vhost '/' in "
+                           "exclusive use")
+        if isinstance(request, spec.Channel.Close):
+            return spec.Channel.CloseOk()
+        if isinstance(request, spec.Connection.Close):
+            return spec.Connection.CloseOk()
         if isinstance(request, spec.Basic.Consume):
             self.consumerTags[request.queue] = request.consumer_tag
             self.channelOf[request.queue] = channel

@@ -21,6 +21,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from unitsupport import assertNoResult, errorCode, failureResultOf, successResultOf
 
@@ -31,6 +32,7 @@ from relaybus.amqp.link import (
     AmqpConnection,
     Backoff,
     BrokerLink,
+    SetupRefused,
     brokerParameters,
     consumeForever,
     detached,
@@ -181,6 +183,9 @@ def test_gateway_setup_declares_its_topology_and_consumes_its_reply_queue(gw: Ga
         ("queue_bind", {"queue": "t.replies.gw-1", "exchange": "t.responses",
                         "routing_key": "gw-1"})]
     assert list(gw.consuming.consumers) == ["t.replies.gw-1"]
+    # Exclusive: a second gateway with this id is refused instead of taking half the replies
+    assert gw.consuming.consumeArguments["t.replies.gw-1"] == {"auto_ack": True,
+                                                                "exclusive": True}
     assert gw.publishing.confirming and not gw.consuming.confirming
     assert gw.bus.isReady()
 
@@ -364,6 +369,43 @@ def test_a_chunk_without_seq_and_a_seq_on_other_replies_are_legal(gw: Gateway) -
 def test_a_cancel_notice_has_no_content_type() -> None:
     properties = codec.cancelProperties(CancelNotice("c-1", "echo", "timeout"))
     assert properties.content_type is None and properties.type == "cancel"
+
+
+@pytest.mark.parametrize(("query", "unnoticed"), [
+    ("", "which the broker closes within 45 s (3 heartbeats)"),
+    ("?heartbeat=5", "which the broker closes within 15 s (3 heartbeats)"),
+    ("?heartbeat=0", "which the broker notices only when TCP gives up (heartbeats are off)")])
+def test_a_reply_queue_another_connection_consumes_refuses_the_setup_and_says_why(
+        query: str, unnoticed: str) -> None:
+    clock = MemoryReactorClock()
+    bus = AmqpRequestBus(URL + query, clock, Topology("t."), "gw-1")
+    connection = FakeAmqpConnection(queueConsumers={"t.replies.gw-1": 1})
+    refused = failureResultOf(bus.setUpConnection(connection), SetupRefused)
+    assert refused.getErrorMessage() == (
+        "another connection consumes this gateway's reply queue (ACCESS_REFUSED - queue "
+        "'t.replies.gw-1' in vhost '/' in exclusive use): most likely another gateway process "
+        "with the same --gateway-id gw-1 is connected to this broker and vhost (give each "
+        "gateway its own id, or leave it out for a random one), or this gateway's previous "
+        f"connection died unnoticed, {unnoticed}. Not ready until the queue is free; "
+        "retrying.")
+    consuming, _publishing = connection.channels
+    assert not consuming.is_open  # the broker closed it
+    assert not bus.isReady()
+    message = RequestMessage("c-1", "echo", "gw-1", b"null", START + 1)
+    assert errorCode(bus.publishRequest(message)) == "unavailable"
+
+
+def test_other_refusals_of_the_reply_consumer_are_not_blamed_on_another_gateway() -> None:
+    """A 403 for missing permissions, say: a setup failure like any other (a traceback)."""
+    bus = AmqpRequestBus(URL, MemoryReactorClock(), Topology("t."), "gw-1")
+    connection = FakeAmqpConnection(holdConsumes=True)
+    setup = bus.setUpConnection(connection)
+    consuming = connection.channels[0]
+    consuming.closeByBroker(ChannelClosedByBroker(
+        403, "ACCESS_REFUSED - access to queue 't.replies.gw-1' in vhost '/' refused for user "
+             "'gw'"))
+    refused = failureResultOf(setup, ChannelClosedByBroker)
+    assert not refused.check(SetupRefused)
 
 
 def test_losing_the_connection_interrupts_the_receiver(gw: Gateway) -> None:
@@ -698,6 +740,45 @@ def test_the_gateway_bus_is_set_up_by_its_link_and_hears_when_it_is_lost() -> No
     protocol.connectionLost(reason)
     assert not bus.isReady()
     assert [f.value for f in receiver.interruptions] == [reason.value]
+
+
+def test_a_gateway_refused_its_reply_queue_says_so_once_and_takes_over_once_it_is_free(
+        ) -> None:
+    """Real pika: the broker's channel.close fails the consume before the channel watcher
+    hears of it, so the refusal is what is logged, not a closed channel or a traceback."""
+    reactor = MemoryReactorClock()
+    bus = AmqpRequestBus(URL, reactor, Topology("t."), "gw-1",
+                         endpoint=TCP4ClientEndpoint(reactor, "127.0.0.1", 5672))
+    bus.startService()
+    with capturedLogs() as events:
+        for attempt in range(3):
+            _host, _port, factory, _timeout, _bind = reactor.tcpClients[-1]
+            protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5672))
+            transport = StringTransport()
+            protocol.makeConnection(transport)
+            protocol.dataReceived(handshake())
+            broker = ScriptedBroker(protocol, transport)
+            if attempt < 2:  # the other gateway is still there
+                broker.inExclusiveUse.add("t.replies.gw-1")
+            sent = broker.pump()
+            if attempt == 2:
+                break
+            assert not bus.isReady()
+            assert sent[-3:] == ["CloseOk", "Close", "Close"]  # its channel, ours, the connection
+            assert transport.disconnecting and not transport.disconnected  # closed, not aborted
+            protocol.connectionLost(Failure(ConnectionDone()))
+            attempts = len(reactor.tcpClients)
+            reactor.advance(Backoff().maxS)
+            assert len(reactor.tcpClients) == attempts + 1
+    assert bus.isReady()
+    logged = [(e["log_level"], formatEvent(e), "log_failure" in e) for e in events
+              if e.get("log_namespace", "").startswith("relaybus")
+              and e["log_level"] is not LogLevel.debug]
+    assert [(level, tb) for level, _, tb in logged] == [(LogLevel.error, False),
+                                                         (LogLevel.info, False)]
+    assert "same --gateway-id gw-1" in logged[0][1]
+    assert logged[1][1] == ("AMQP relaybus gateway gw-1: connected and set up, after 2 refused "
+                            "setups")
 
 
 def test_the_worker_bus_is_set_up_by_its_link_and_hears_when_it_is_lost() -> None:

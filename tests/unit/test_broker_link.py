@@ -1,7 +1,7 @@
 """BrokerLink, the reconnecting AMQP connection, with real pika over a StringTransport and a
 MemoryReactorClock: the documented backoff policy, connection.blocked, what it aborts and what
 it logs (a lost connection is a warning with its real reason, never a traceback or a made-up
-reason), and a bounded stop."""
+reason; a setup the broker refuses is one error per episode), and a bounded stop."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from pika.exceptions import ChannelClosedByBroker
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
-from relaybus.amqp.link import CLOSE_TIMEOUT_S, Backoff, BrokerLink
+from relaybus.amqp.link import CLOSE_TIMEOUT_S, Backoff, BrokerLink, SetupRefused
 
 NO_JITTER = Backoff(jitter=lambda: 0.0)
 
@@ -246,6 +246,61 @@ def test_setup_that_hangs_is_dropped_after_fifteen_seconds(link: Link) -> None:
     assert [text for _, text, _ in _logged(events)] == [
         "AMQP test link: setup took over 15.0 s", "AMQP test link: reconnecting: setup timed out"]
     assert link.transport is not None and link.transport.disconnected
+
+
+# A setup the broker refuses for a reason the operator must fix or wait out (SetupRefused: the
+# gateway's reply queue consumed by another connection)
+
+
+def _refuseSetup(link: Link, why: str = "the queue is taken") -> None:
+    """Connect, have the setup refused, and play the broker through the polite close."""
+    link.connectAndSetUp()
+    assert link.transport is not None
+    link.transport.clear()
+    link.setups[-1].errback(Failure(SetupRefused(why)))
+    assert methodNames(link.transport.value()) == ["Close"]  # not an abort
+    assert not link.transport.disconnected
+    link.protocol.dataReceived(method(0, pika.spec.Connection.CloseOk()))
+    link.lose(ConnectionDone())
+
+
+def _aboveDebug(events: list[dict[str, Any]]) -> list[tuple[LogLevel, str, bool]]:
+    return [entry for entry in _logged(events) if entry[0] is not LogLevel.debug]
+
+
+def test_a_refused_setup_is_one_error_per_episode_and_retried_with_the_backoff(
+        link: Link) -> None:
+    delays = []
+    with capturedLogs() as events:
+        for _ in range(3):
+            _refuseSetup(link)
+            assert not link.link.ready
+            delays.append(link.nextAttemptAfter())
+        link.connectAndSetUp()
+        link.setups[-1].callback(None)
+    assert delays == [0.5, 1, 2]  # as for any failed setup
+    assert _aboveDebug(events) == [
+        (LogLevel.error, "AMQP test link: the queue is taken", False),
+        (LogLevel.info, "AMQP test link: connected and set up, after 3 refused setups", False)]
+    assert link.link.ready
+    link.lose()
+    link.nextAttemptAfter()
+    with capturedLogs() as events:
+        _refuseSetup(link)  # a new episode is told again
+        link.nextAttemptAfter()
+        _refuseSetup(link, "another reason")  # and so is another reason
+    assert [text for _, text, _ in _aboveDebug(events)] == [
+        "AMQP test link: the queue is taken", "AMQP test link: another reason"]
+
+
+def test_a_refused_setup_whose_close_the_broker_does_not_answer_is_aborted(link: Link) -> None:
+    link.connectAndSetUp()
+    link.setups[-1].errback(Failure(SetupRefused("the queue is taken")))
+    assert link.transport is not None and not link.transport.disconnected
+    link.reactor.advance(CLOSE_TIMEOUT_S)
+    assert link.transport.disconnected
+    link.lose()
+    assert link.nextAttemptAfter() == 0.5
 
 
 # Stopping

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any
 
+import pika.spec
 from pika.adapters.twisted_connection import (
     ReceivedMessage,
     TwistedChannel,
     TwistedProtocolConnection,
 )
-from pika.exceptions import NackError, UnroutableError
+from pika.exceptions import ChannelClosedByBroker, NackError, UnroutableError
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
@@ -19,7 +20,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relaybus.amqp import codec
-from relaybus.amqp.link import BrokerLink, consumeForever, detached, notReachable, unavailable
+from relaybus.amqp.link import (
+    BrokerLink,
+    SetupRefused,
+    consumeForever,
+    detached,
+    notReachable,
+    unavailable,
+)
 from relaybus.amqp.topology import Topology
 from relaybus.errors import ErrorCode, RelaybusError
 from relaybus.interfaces import IReplyReceiver, IRequestBus
@@ -30,7 +38,8 @@ log = Logger(namespace="relaybus.amqp")
 
 @implementer(IRequestBus)
 class AmqpRequestBus(MultiService):
-    """Publishes requests (mandatory, with confirms) and cancels; consumes its reply queue.
+    """Publishes requests (mandatory, with confirms) and cancels; consumes its reply queue
+    (exclusively: another gateway with the same id is refused it, see setUpConnection).
 
     `BrokerLink` calls `setUpConnection` after every (re)connect and `connectionLost` when
     the connection goes; unit tests call them with the fakes of relaybus.testing.
@@ -72,13 +81,32 @@ class AmqpRequestBus(MultiService):
         publishing = yield link.openChannel(connection, "publishing")
         yield publishing.confirm_delivery()
         publishing.add_on_return_callback(self._messageReturned)
-        queue, _tag = yield consuming.basic_consume(queue=replyQueue, auto_ack=True)
+        try:
+            queue, _tag = yield consuming.basic_consume(queue=replyQueue, auto_ack=True,
+                                                         exclusive=True)
+        except ChannelClosedByBroker as e:
+            if e.reply_code == pika.spec.ACCESS_REFUSED and "exclusive use" in e.reply_text:
+                raise SetupRefused(self._replyQueueTaken(e.reply_text)) from e
+            raise
         consumeForever(queue, self._replyArrived, lambda: link.drop(
             connection, "the broker cancelled the reply consumer"))
         self._unconfirmed.clear()
         self._returned.clear()
         self._publishing = publishing
         self._connection = connection
+
+    def _replyQueueTaken(self, brokerSays: str) -> str:
+        """What the operator must know when the broker refuses us our reply queue: shared, it
+        would give each gateway of that id about half of the other's replies (both losing)."""
+        within = self._link.brokerNoticesDeathWithinS
+        unnoticed = (f"which the broker closes within {within} s (3 heartbeats)" if within
+                     else "which the broker notices only when TCP gives up (heartbeats are off)")
+        return (f"another connection consumes this gateway's reply queue ({brokerSays}): "
+                f"most likely another gateway process with the same --gateway-id "
+                f"{self.replyTo} is connected to this broker and vhost (give each gateway its "
+                f"own id, or leave it out for a random one), or this gateway's previous "
+                f"connection died unnoticed, {unnoticed}. Not ready until the queue is free; "
+                f"retrying.")
 
     def connectionLost(self, reason: Failure) -> None:
         self._publishing = self._connection = self._probing = None

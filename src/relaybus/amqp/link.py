@@ -214,6 +214,12 @@ class AmqpConnection(TwistedProtocolConnection):
 SetUp = Callable[[TwistedProtocolConnection], Deferred[None]]
 
 
+class SetupRefused(Exception):
+    """What a setup raises when the broker refused it for a reason the operator has to fix or
+    wait out (another connection holds what it needs): the message, which says so, is logged
+    once per episode without a traceback, and the link retries with its backoff."""
+
+
 class BrokerLink(Service):
     """One AMQP connection that keeps coming back.
 
@@ -221,6 +227,8 @@ class BrokerLink(Service):
     consumers; `lost(reason)` runs when a set-up connection (or one being set up) goes away.
     Backoff grows across failed handshakes and setups, not just failed TCP connects, and
     resets only after a successful setup (so a wrong password does not retry in a tight loop).
+    A setup that raises SetupRefused is an error logged once until a setup succeeds (retries
+    refused the same way log nothing more), and its connection is closed politely.
     """
 
     def __init__(self, endpoint: IStreamClientEndpoint, parameters: pika.ConnectionParameters,
@@ -237,6 +245,9 @@ class BrokerLink(Service):
         self._failedAttempts = 0  # since the last successful setup
         self._settingUp: TwistedProtocolConnection | None = None
         self._dropped: TwistedProtocolConnection | None = None
+        # SetupRefused since the last successful setup: what was logged, how many times
+        self._refusal: str | None = None
+        self._refusals = 0
         self.connection: TwistedProtocolConnection | None = None
         self.blocked = False  # the broker refuses to read from us (memory or disk alarm)
 
@@ -254,6 +265,15 @@ class BrokerLink(Service):
     @property
     def ready(self) -> bool:
         return self.connection is not None and self.connection.is_open and not self.blocked
+
+    @property
+    def brokerNoticesDeathWithinS(self) -> int | None:
+        """How long RabbitMQ may take to notice that a connection of ours died silently (a
+        network cut): it checks for incoming bytes every heartbeat and gives up after two
+        checks saw none, 2 to 3 heartbeats after the last data. None: heartbeats are off,
+        and only TCP gives up (many minutes)."""
+        heartbeat = self._parameters.heartbeat
+        return 3 * heartbeat if isinstance(heartbeat, int) and heartbeat > 0 else None
 
     def startService(self) -> None:
         super().startService()
@@ -309,16 +329,26 @@ class BrokerLink(Service):
             self._settingUp = None
             self._failedAttempts = 0
             self.connection = connection
-            log.info("AMQP {name}: connected and set up", name=self._name)
+            if self._refusal is None:
+                log.info("AMQP {name}: connected and set up", name=self._name)
+            else:
+                log.info("AMQP {name}: connected and set up, after {n} refused setups",
+                         name=self._name, n=self._refusals)
+            self._refusal, self._refusals = None, 0
 
         def failed(failure: Failure) -> None:
             if timer.active():
                 timer.cancel()
-            lostMidway = not connection.is_open  # then _connectionLost says why
-            if self._settingUp is connection:
-                if not lostMidway:
-                    log.failure("AMQP {name}: setting up the connection failed", failure,
-                                name=self._name)
+            stillOurs = self._settingUp is connection and self.running
+            if not stillOurs:
+                return
+            if not connection.is_open:  # lost midway: _connectionLost says why
+                self.drop(connection, "setup failed")
+            elif failure.check(SetupRefused):
+                self._refused(connection, failure.getErrorMessage())
+            else:
+                log.failure("AMQP {name}: setting up the connection failed", failure,
+                            name=self._name)
                 self.drop(connection, "setup failed")
 
         def tooSlow() -> None:
@@ -327,6 +357,35 @@ class BrokerLink(Service):
 
         timer = self._clock.callLater(SETUP_TIMEOUT_S, tooSlow)
         return detached(self._setup(connection)).addCallbacks(ready, failed)
+
+    def _refused(self, connection: TwistedProtocolConnection, why: str) -> None:
+        """Say why once per episode; close politely, so that retrying for hours does not
+        leave a warning in the broker's log at each attempt (an abort: 'client unexpectedly
+        closed TCP connection'); the close leads to a retry with the backoff."""
+        self._refusals += 1
+        if why != self._refusal:
+            log.error("AMQP {name}: {why}", name=self._name, why=why)
+            self._refusal = why
+        else:
+            log.debug("AMQP {name}: refused again ({n} times)", name=self._name,
+                      n=self._refusals)
+        self._dropped = connection  # its channels closing need no word of their own
+        self._close(connection)
+
+    def _close(self, connection: TwistedProtocolConnection) -> Deferred[None]:
+        """Close politely, but never wait on a broker that does not answer or read: abort
+        after CLOSE_TIMEOUT_S. Fires when the connection is gone (or aborted)."""
+        closing: Deferred[None] = defer.succeed(None)
+        if connection.is_open and connection.closed is not None:
+            closing = atMost(connection.closed, CLOSE_TIMEOUT_S, self._clock)
+            connection.close()
+
+        def abort(_: object) -> None:
+            transport = connection.transport
+            if transport is not None and getattr(transport, "connected", False):
+                transport.abortConnection()  # a blocked broker never reads our close
+
+        return closing.addCallback(abort)
 
     def _setBlocked(self, blocked: bool) -> None:
         self.blocked = blocked
@@ -376,25 +435,21 @@ class BrokerLink(Service):
         if not self.running:
             log.info("AMQP {name}: connection closed", name=self._name)
             return
-        log.warn("AMQP {name}: connection lost: {why}", name=self._name,
-                 why=reason.getErrorMessage())
+        # A connection we dropped while refused: _refused (or drop) said why already.
+        if connection is not self._dropped or self._refusal is None:
+            log.warn("AMQP {name}: connection lost: {why}", name=self._name,
+                     why=reason.getErrorMessage())
         self._lost(reason)
 
     def stopService(self) -> Deferred[None]:
         """Close politely, but never wait on a broker that does not answer or read."""
         super().stopService()
         connection, client = self.connection or self._settingUp, self._client
-        closing: Deferred[None] = defer.succeed(None)
-        if connection is not None and connection.is_open and connection.closed is not None:
-            closing = atMost(connection.closed, CLOSE_TIMEOUT_S, self._clock)
-            connection.close()
+        closing = self._close(connection) if connection is not None else defer.succeed(None)
 
-        def abortAndStop(_: object) -> Deferred[None] | None:
-            transport = connection.transport if connection is not None else None
-            if transport is not None and getattr(transport, "connected", False):
-                transport.abortConnection()  # a blocked broker never reads our close
+        def stopClient(_: object) -> Deferred[None] | None:
             if client is not None:
                 return atMost(client.stopService(), CLOSE_TIMEOUT_S, self._clock)
             return None
 
-        return closing.addCallback(abortAndStop).addCallback(lambda _: None)
+        return closing.addCallback(stopClient).addCallback(lambda _: None)

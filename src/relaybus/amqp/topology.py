@@ -98,7 +98,8 @@ class Topology:
     def declareReplyQueue(self, channel: TwistedChannel,
                           gatewayId: str) -> Generator[Deferred[Any], Any, str]:
         """Not exclusive, so it survives a reconnect; x-expires removes it once its gateway
-        is gone for good. Bound to the responses exchange by the gateway id."""
+        is gone for good. Bound to the responses exchange by the gateway id. (Its consumer is
+        exclusive: a second gateway with the same id is refused, see gatewaybus.)"""
         queue = self.replyQueue(gatewayId)
         yield channel.queue_declare(queue=queue, durable=False, exclusive=False,
                                     auto_delete=False,
