@@ -46,6 +46,8 @@ EDDSA_ALGORITHMS = ("EdDSA",)
 KNOWN_ALGORITHMS = frozenset(
     (*HMAC_ALGORITHMS, *RSA_ALGORITHMS, "ES256", "ES384", *EDDSA_ALGORITHMS))
 _CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+# The private members of RSA, EC and OKP JWKs (RFC 7518 6.2.2, 6.3.2; RFC 8037 2).
+_PRIVATE_JWK_MEMBERS = frozenset(("d", "p", "q", "dp", "dq", "qi", "oth"))
 
 
 class IBearerToken(ICredentials):
@@ -381,9 +383,9 @@ def _allowed(family: Sequence[str], algorithms: Sequence[str], option: str) -> t
 def _keysFromJWKS(text: str, algorithms: Sequence[str],
                   option: str = "--jwks-file") -> dict[str | None, _Key]:
     """Public keys only: a symmetric (oct) key in a JWK Set is refused, so an HMAC
-    algorithm can never meet a key that was published. Keys whose `use` is not `sig`
-    (encryption keys) are left out; at most MAX_JWKS_KEYS keys. Every message is fixed:
-    it is logged, and must not show key material."""
+    algorithm can never meet a key that was published, and so is a private key. Keys whose
+    `use` is not `sig` (encryption keys) are left out; at most MAX_JWKS_KEYS keys. Every
+    message is fixed: it is logged, and must not show key material."""
     try:
         document = decodeJSON(text)
     except ValueError:
@@ -393,6 +395,11 @@ def _keysFromJWKS(text: str, algorithms: Sequence[str],
         raise ValueError(f"{option}: not a JWK Set (an object with a list of keys)")
     if len(entries) > MAX_JWKS_KEYS:
         raise ValueError(f"{option}: more than {MAX_JWKS_KEYS} keys")
+    # Before PyJWT sees them: from an RSA `d` without the primes it searches for the factors,
+    # seconds to minutes of the reactor's time for a set of 1 KiB.
+    if any(isinstance(entry, dict) and not _PRIVATE_JWK_MEMBERS.isdisjoint(entry)
+           for entry in entries):
+        raise ValueError(f"{option}: private key material is refused; publish public keys only")
     entries = [entry for entry in entries
                if not (isinstance(entry, dict) and entry.get("use", "sig") != "sig")]
     try:
