@@ -412,6 +412,8 @@ def _keysFromJWKS(text: str, algorithms: Sequence[str],
         if jwk.key_type == "oct":
             raise ValueError(f"{option}: symmetric (oct) keys are refused; publish public "
                              "keys only")
+        if jwk.key_id is not None and not isinstance(jwk.key_id, str):
+            raise ValueError(f"{option}: a kid must be a string")
         if jwk.key_id is None and len(keySet.keys) > 1:
             raise ValueError(f"{option}: with several keys, every key needs a kid")
         if jwk.key_id in keys:

@@ -277,7 +277,8 @@ class RemoteJWKS(Service):
     def _fetch(self) -> None:
         self._cancelNext()
         d = maybeDeferred(self._fetcher.fetch)
-        self._fetching = d.addCallbacks(self._loaded, self._failed)
+        # _failed also gets what _loaded raises: every failure is logged and counted.
+        self._fetching = d.addCallback(self._loaded).addErrback(self._failed)
         self._fetching.addBoth(self._ended)
 
     def _loaded(self, body: bytes) -> None:

@@ -258,6 +258,12 @@ def test_a_token_without_kid_against_several_keys_does_not_refetch(remote: Remot
     ("too many keys", jwks(*[(f"k{i}", KEY2) for i in range(MAX_JWKS_KEYS + 1)]),
      f"more than {MAX_JWKS_KEYS} keys"),
     ("duplicate kid", jwks(("k2", KEY2), ("k2", KEY3)), "two keys share a kid"),
+    ("a kid that is a list", json.dumps({"keys": [
+        {**json.loads(jwks(("k2", KEY2)))["keys"][0], "kid": ["k2"]}]}), "a kid must be a string"),
+    ("a kid that is an object", json.dumps({"keys": [
+        *json.loads(jwks(("k2", KEY2)))["keys"],
+        {**json.loads(jwks(("k3", KEY3)))["keys"][0], "kid": {"k": 3}}]}),
+     "a kid must be a string"),
 ])
 def test_a_bad_set_is_logged_and_the_old_keys_are_kept(
         remote: Remote, logged: list[Any], name: str, body: Any, reason: str) -> None:
@@ -269,6 +275,23 @@ def test_a_bad_set_is_logged_and_the_old_keys_are_kept(
     logText = text(logged)
     assert reason in logText and "keeping the 1 key(s) loaded before" in logText
     assert "c2VjcmV0" not in logText and '"x"' not in logText
+
+
+def test_an_unexpected_error_loading_a_set_is_logged_and_counted(
+        remote: Remote, logged: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    remote.start(jwks(("k1", KEY1)))
+    remote.clock.advance(REFRESH_S)
+
+    def broken(text: str, option: str) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(remote.checker, "replaceKeys", broken)
+    remote.server.respond(jwks(("k1", KEY1)))
+    assert remote.remote.refreshes == {"ok": 1, "failed": 1}
+    assert "Fetching the JWK Set failed unexpectedly" in text(logged)
+    assert "keeping the 1 key(s) loaded before" in text(logged)
+    [call] = remote.clock.getDelayedCalls()
+    assert call.getTime() - remote.clock.seconds() == 1  # retried as any failure
 
 
 def privateRSAWithoutPrimes() -> dict[str, Any]:
