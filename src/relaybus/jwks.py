@@ -2,15 +2,15 @@
 refreshed periodically and when a token names a key id the set does not hold.
 
 Never a blocking call: the fetch is an Agent request on the reactor, bounded in time
-(`FETCH_TIMEOUT_S`) and size (`MAX_JWKS_BYTES`, the transfer is aborted beyond it); no
-redirect is followed. A fetch that fails in any way (connection, TLS, status, size, JSON, an
-unusable or symmetric key set) is logged with a short fixed reason and the keys loaded before
-are kept, so tokens with known kids verify while the key server is down. Refetches that tokens
-with unknown kids cause are at most one per `UNKNOWN_KID_INTERVAL_S`; the handshakes that ask
-while a fetch is in flight wait for it (at most `MAX_WAITERS` of them), so a freshly rotated
-key works on its first use. Until the first set is loaded, handshakes with a token get HTTP
-503 (relaybus.admission) and /readyz says not ready; the first fetch is retried with a
-backoff of 1 s doubling to 30 s.
+(`FETCH_TIMEOUT_S`) and size (`MAX_JWKS_BYTES` of body, `MAX_HEAD_BYTES` more on the wire;
+the transfer is aborted beyond them); no redirect is followed. A fetch that fails in any way
+(connection, TLS, status, size, JSON, an unusable, symmetric or private key set) is logged with
+a short fixed reason and the keys loaded before are kept, so tokens with known kids verify
+while the key server is down. Refetches that tokens with unknown kids cause are at most one per
+`UNKNOWN_KID_INTERVAL_S`; the handshakes that ask while a fetch is in flight wait for it (at
+most `MAX_WAITERS` of them), so a freshly rotated key works on its first use. Until the first
+set is loaded, handshakes with a token get HTTP 503 (relaybus.admission) and /readyz says not
+ready; the first fetch is retried with a backoff of 1 s doubling to 30 s.
 
 Every time is the injected clock's; the HTTP client is behind IJWKSFetcher (a fake in
 relaybus.testing).
@@ -25,13 +25,21 @@ from urllib.parse import urlsplit
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.client import (
+    URI,
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
@@ -41,7 +49,7 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from relaybus.interfaces import IJWKSFetcher
@@ -52,6 +60,8 @@ if TYPE_CHECKING:
 log = Logger(namespace="relaybus.jwks")
 
 MAX_JWKS_BYTES = 1024 * 1024
+# What a response may add to its body on the wire: status line, headers, chunk framing.
+MAX_HEAD_BYTES = 64 * 1024
 FETCH_TIMEOUT_S = 10.0
 DEFAULT_REFRESH_S = 300.0
 MIN_REFRESH_S = 1.0
@@ -140,8 +150,83 @@ class _CappedBody(Protocol):
         # not parse as JSON.
         if reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(b"".join(self._chunks))
-        else:
-            self.done.errback(JWKSFetchError("the connection was lost during the response"))
+            return
+        self.done.errback(_cutOff(reason)
+                          or JWKSFetchError("the connection was lost during the response"))
+
+
+class _CappedConnection(ProtocolWrapper):
+    """Cuts a connection once it has received more than its factory's `maxBytes`, headers
+    included: twisted.web's client bounds neither the number nor the size of response headers
+    (a server sending them for the 10 s of a fetch grew the gateway to 3.4 GB)."""
+
+    factory: _CappedFactory
+    _received = 0
+    _cut = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._cut:
+            return
+        self._received += len(data)
+        super().dataReceived(data)  # when this is the body, _CappedBody's own cap speaks first
+        if self._received > self.factory.maxBytes and not self._cut:
+            self._cut = True
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._cut:
+            reason = Failure(JWKSFetchError(f"the response is larger than "
+                                            f"{self.factory.maxBytes} bytes, headers included"))
+        super().connectionLost(reason)
+
+
+def _cutOff(failure: Failure) -> Failure | None:
+    """The refusal _CappedConnection gave as the reason its connection was lost, when it is
+    among the reasons of the Agent's failure."""
+    for cause in getattr(failure.value, "reasons", []):
+        if cause.check(JWKSFetchError):
+            return cause
+    return None
+
+
+class _CappedFactory(WrappingFactory):
+    protocol = _CappedConnection
+
+    def __init__(self, wrappedFactory: IProtocolFactory, maxBytes: int) -> None:
+        super().__init__(wrappedFactory)
+        self.maxBytes = maxBytes
+
+
+@implementer(IStreamClientEndpoint)
+class _CappedEndpoint:
+    def __init__(self, endpoint: IStreamClientEndpoint, maxBytes: int) -> None:
+        self._endpoint = endpoint
+        self._maxBytes = maxBytes
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
+        """Fires with the caller's protocol (the Agent's pool talks to it), not the wrapper."""
+        connected: Deferred[Any] = self._endpoint.connect(
+            _CappedFactory(protocolFactory, self._maxBytes))
+        return connected.addCallback(lambda wrapper: wrapper.wrappedProtocol)
+
+
+@implementer(IAgentEndpointFactory)
+class _CappedEndpoints:
+    """Agent's own choice of endpoint (TCP; TLS for https, verified by
+    BrowserLikePolicyForHTTPS), each connection capped at `maxBytes` received."""
+
+    def __init__(self, reactor: Any, connectTimeoutS: float, maxBytes: int) -> None:
+        self._reactor = reactor
+        self._connectTimeoutS = connectTimeoutS
+        self._maxBytes = maxBytes
+        self._policy = BrowserLikePolicyForHTTPS()
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+            self._reactor, uri.host.decode("ascii"), uri.port, timeout=self._connectTimeoutS)
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
+        return _CappedEndpoint(endpoint, self._maxBytes)
 
 
 class _Discard(Protocol):
@@ -162,9 +247,9 @@ class AgentJWKSFetcher:
         self._url = url.encode("ascii")
         self._timeoutS = timeoutS
         self._maxBytes = maxBytes
-        self._agent = agent or Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(),
-                                     connectTimeout=timeoutS,
-                                     pool=HTTPConnectionPool(reactor, persistent=False))
+        self._agent = agent or Agent.usingEndpointFactory(
+            reactor, _CappedEndpoints(reactor, timeoutS, maxBytes + MAX_HEAD_BYTES),
+            pool=HTTPConnectionPool(reactor, persistent=False))
 
     def fetch(self) -> Deferred[bytes]:
         d: Deferred[Any] = self._agent.request(b"GET", self._url, Headers({
@@ -201,6 +286,9 @@ class AgentJWKSFetcher:
         elif failure.check(ConnectError):
             reason = "cannot connect"
         elif failure.check(ResponseNeverReceived, ResponseFailed):
+            cutOff = _cutOff(failure)
+            if cutOff is not None:
+                return cutOff
             reasons = getattr(failure.value, "reasons", [])
             causes = {type(f.value).__name__ for f in reasons} or {"unknown"}
             reason = f"the connection failed ({', '.join(sorted(causes))})"
