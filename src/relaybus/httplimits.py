@@ -2,8 +2,9 @@
 that every trickled byte resets, so a client sending its upgrade request a byte at a time
 (slowloris) held a socket for as long as it liked, before `onConnect` or any per-address limit
 ever saw it. Here a request (line, headers and body) must be complete within a deadline, a
-client address may hold only so many connections that have not sent a whole request yet, and
-headers and bodies are capped below twisted.web's defaults."""
+client address may hold only so many connections that have not sent a whole request yet, a
+connection closes after its answer (no keep-alive connection idles outside both), and headers
+and bodies are capped below twisted.web's defaults."""
 
 from __future__ import annotations
 
@@ -90,11 +91,6 @@ class BoundedHTTPChannel(HTTPChannel):
         self._peer = host
         self._startDeadline()
 
-    def dataReceived(self, data: bytes) -> None:
-        if self._waitingForRequest and self._deadline is None:
-            self._startDeadline()  # the next request of a keep-alive connection begins
-        super().dataReceived(data)
-
     def rawDataReceived(self, data: bytes) -> None:
         if self._waitingForRequest:  # a request body, not a pipelined request being held
             self._bodyBytes += len(data)
@@ -116,16 +112,20 @@ class BoundedHTTPChannel(HTTPChannel):
             self._refuse(_BODY_TOO_LARGE)
 
     def allContentReceived(self) -> None:
-        # The request is in: from here on (a WebSocket upgrade included) other timeouts rule.
+        # The request is in: from here on (a WebSocket upgrade included) other timeouts rule,
+        # and the connection closes after its answer (checkPersistence).
         self._waitingForRequest = False
         self._bodyBytes = 0
         self._cancelDeadline()
         self._releasePeer()
         super().allContentReceived()
 
-    def requestDone(self, request: Any) -> None:
-        self._waitingForRequest = True  # the deadline restarts with the next request's bytes
-        super().requestDone(request)
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        """No keep-alive: between two requests a connection has sent a whole request, so it is
+        in no count and under no deadline (twisted.web's idle timeout is 60 s), and nothing
+        the gateway answers over plain HTTP (/healthz, /metrics, the demo page) needs one."""
+        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        return False
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancelDeadline()
