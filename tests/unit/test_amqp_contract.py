@@ -44,6 +44,7 @@ from relaybus.errors import RelaybusError, ReplyRefusedError
 from relaybus.messages import CancelNotice, ReplyKind, ReplyMessage, RequestMessage
 from relaybus.testing import (
     FakeAmqpConnection,
+    FakeChannel,
     FakeReplyReceiver,
     FakeRequestReceiver,
     PublishedMessage,
@@ -820,6 +821,83 @@ def test_consumers_of_a_request_type_come_from_a_passive_declare(gw: Gateway) ->
     assert gw.connection.channels[-1] is fresh  # and kept
     assert fresh.declarations[-1] == ("queue_declare",
                                       {"queue": "t.requests.echo", "passive": True})
+
+
+class SlowChannels(FakeAmqpConnection):
+    """As pika's connection.channel(): a channel opens a round trip later (`openAll`); its
+    passive declares answer at once, or wait for the test (`silent`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opening: list[Deferred[FakeChannel]] = []
+        self.silent = False
+        self.unanswered: list[Deferred[Any]] = []
+
+    def channel(self) -> Deferred[FakeChannel]:
+        opened: Deferred[FakeChannel] = Deferred()
+        self.opening.append(opened)
+        return opened
+
+    def openAll(self) -> None:
+        while self.opening:
+            channel = SilentChannel(queueConsumers=self.queueConsumers, connection=self)
+            self.channels.append(channel)
+            self.opening.pop(0).callback(channel)
+
+
+class SilentChannel(FakeChannel):
+    def __init__(self, connection: SlowChannels, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._slow = connection
+
+    def queue_declare(self, queue: str = "", **arguments: Any) -> Deferred[Any]:
+        if not (arguments.get("passive") and self._slow.silent):
+            return super().queue_declare(queue, **arguments)
+        unanswered: Deferred[Any] = Deferred()
+        self._slow.unanswered.append(unanswered)
+        return unanswered
+
+
+def slowGateway() -> tuple[Gateway, SlowChannels]:
+    gw = Gateway()
+    slow = SlowChannels()
+    setUp = gw.bus.setUpConnection(slow)
+    slow.openAll()
+    successResultOf(setUp)
+    return gw, slow
+
+
+def test_probes_of_several_request_types_at_once_share_one_channel() -> None:
+    """AbsentWorkerWatch asks about every pending requestType at once; each probe opened a
+    channel of its own (pika opens it a round trip later) and all but the last stayed open,
+    unreferenced, until the connection closed: a leak in every round after a 404."""
+    gw, slow = slowGateway()
+    slow.queueConsumers.update({"t.requests.a": 1, "t.requests.b": 0, "t.requests.c": 2})
+    for _ in range(3):  # three rounds, each after a 404 closed the probe channel
+        counts = [gw.bus.consumersOf(requestType) for requestType in ("a", "b", "c", "gone")]
+        slow.openAll()
+        assert [successResultOf(count) for count in counts] == [1, 0, 2, None]
+    probes = slow.channels[2:]  # after the reply and publishing channels
+    assert len(probes) == 3 and not any(probe.is_open for probe in probes)
+    assert [len(probe.declarations) for probe in probes] == [4, 4, 4]
+
+
+def test_a_probe_given_up_never_cancels_pikas_deferred() -> None:
+    """AbsentWorkerWatch's timeout cancels a probe the broker does not answer; cancelling
+    pika's own Deferred later raises AlreadyCalledError inside pika (pika #1282)."""
+    gw, slow = slowGateway()
+    slow.queueConsumers["t.requests.echo"] = 1
+    slow.silent = True
+    probe = gw.bus.consumersOf("echo")
+    slow.openAll()
+    [unanswered] = slow.unanswered
+    probe.cancel()
+    assert successResultOf(probe) is None  # cannot tell
+    assert not unanswered.called
+    slow.silent = False
+    assert successResultOf(gw.bus.consumersOf("echo")) == 1  # the next probe goes ahead
+    unanswered.callback(pika.frame.Method(1, pika.spec.Queue.DeclareOk(
+        queue="t.requests.echo", consumer_count=1)))  # the late answer is dropped
 
 
 def test_consumers_cannot_be_told_without_a_connection(gw: Gateway) -> None:

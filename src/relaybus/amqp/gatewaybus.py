@@ -13,7 +13,7 @@ from pika.adapters.twisted_connection import (
 )
 from pika.exceptions import ChannelClosedByBroker, NackError, UnroutableError
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -55,7 +55,10 @@ class AmqpRequestBus(MultiService):
         self._publishing: TwistedChannel | None = None
         self._connection: TwistedProtocolConnection | None = None
         # For passive declares only: unwatched, since a 404 closes it (reopened when needed).
+        # One probe at a time uses it: pika opens a channel a round trip later, so probes
+        # started together each opened one, and all but the last stayed open.
         self._probing: TwistedChannel | None = None
+        self._probingLock = DeferredLock()
         # Correlation ids of mandatory publishes awaiting their confirm, and those of them
         # the broker returned (no queue bound for their requestType).
         self._unconfirmed: set[str] = set()
@@ -145,19 +148,24 @@ class AmqpRequestBus(MultiService):
     @inlineCallbacks
     def consumersOf(self, requestType: str) -> Generator[Deferred[Any], Any, int | None]:
         """A passive queue.declare of requestType's queue, whose DeclareOk counts its
-        consumers (AMQP tells publishers nothing when a consumer goes)."""
+        consumers (AMQP tells publishers nothing when a consumer goes). AbsentWorkerWatch's
+        timeout cancels a probe the broker does not answer: pika's Deferreds are detached, so
+        that never cancels them (pika #1282)."""
         connection = self._connection
         if connection is None or not self.isReady():
             return None
+        yield self._probingLock.acquire()
         try:
             if self._probing is None or not self._probing.is_open:
-                self._probing = yield connection.channel()
-            declared = yield self._probing.queue_declare(
-                queue=self._topology.requestQueue(requestType), passive=True)
+                self._probing = yield detached(connection.channel())
+            declared = yield detached(self._probing.queue_declare(
+                queue=self._topology.requestQueue(requestType), passive=True))
         except Exception as e:  # a 404 (no such queue) closes the channel: reopen next time
             log.debug("Counting the consumers of {requestType} failed: {e}",
                       requestType=requestType, e=e)
             return None
+        finally:
+            self._probingLock.release()
         return int(declared.method.consumer_count)
 
     def _messageReturned(self, message: ReceivedMessage) -> None:
