@@ -104,6 +104,12 @@ def test_percent_encoded_path_and_password_reach_pika_unchanged() -> None:
     ("&".join(f"heartbeat{i}=1" for i in range(100)), "at most 16"),
     ("heartbeat", "name=value pairs"),
     ("heartbeat=soon", "Invalid heartbeat value 'soon'"),
+    # pika takes these, then fails every connection at tune-ok (AMQP's heartbeat is a short),
+    # or asserts in callLater when the broker blocks the connection
+    ("heartbeat=65536", "heartbeat must be 0 to 65535"),
+    ("heartbeat=" + "9" * 30, "heartbeat must be 0 to 65535"),
+    ("blocked_connection_timeout=nan", "blocked_connection_timeout must be a finite number"),
+    ("blocked_connection_timeout=inf", "blocked_connection_timeout must be a finite number"),
     ("keyfile=/tmp/k.pem", "keyfile needs certfile"),
     ("server_hostname=bad_name!", "server_hostname: 'bad_name!' is not a host name"),
     ("server_hostname=" + "a" * 300, "is not a host name"),
@@ -125,6 +131,11 @@ def test_tls_options_need_amqps(option: str) -> None:
     (f"amqp://u:pa#{PASSWORD}@rabbit/", "'#'"),
     (f"amqp://u:pa?{PASSWORD}@rabbit/", "port must be a number"),
     (f"amqp://u:pa/{PASSWORD}@rabbit/", "port must be a number"),
+    # digits before an unencoded '/' or '?' parse as host u, port 1234: the rest of the
+    # password became the vhost (sent to host u in connection.open, and shown in the broker's
+    # refusal) or a query value (shown in pika's error)
+    (f"amqp://u:1234/{PASSWORD}@rabbit/", "an '@' after its host"),
+    (f"amqp://u:1234?heartbeat=5{PASSWORD}@rabbit/", "an '@' after its host"),
     (f"amqp://u:{PASSWORD}@rabbit:99999/", "port must be a number"),
     ("amqp://u@rabbit/", "a user but no password"),
     (f"http://u:{PASSWORD}@rabbit/", "amqp:// or amqps://"),
@@ -133,6 +144,11 @@ def test_tls_options_need_amqps(option: str) -> None:
 ])
 def test_malformed_urls_never_show_the_password(brokerURL: str, expected: str) -> None:
     assert expected in refused(brokerURL)
+
+
+def test_an_at_sign_after_the_host_is_fine_with_credentials_or_encoded() -> None:
+    assert brokerParameters("amqp://u:p@rabbit/team@site").virtual_host == "team@site"
+    assert brokerParameters("amqp://rabbit/team%40site").virtual_host == "team@site"
 
 
 # The files

@@ -11,6 +11,7 @@ error that names the option. No message here ever holds the URL's password or a 
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import stat
@@ -37,6 +38,7 @@ MAX_QUERY_FIELDS = 16
 MAX_PATH_CHARS = 4096
 MAX_PEM_BYTES = 1024 * 1024  # a whole public CA bundle is about 200 KiB
 MAX_HOSTNAME_CHARS = 253
+MAX_HEARTBEAT_S = 65_535
 
 TLS_OPTIONS = ("cafile", "certfile", "keyfile", "server_hostname")
 # pika applies these itself on our adapter (connection.tune, connection.start, its timers).
@@ -106,6 +108,11 @@ def parseBrokerURL(url: str) -> BrokerURL:
         raise ValueError("the broker URL's port must be a number from 1 to 65535")
     if parsed.username is not None and parsed.password is None:
         raise ValueError("the broker URL names a user but no password (user:password@host)")
+    if parsed.username is None and "@" in url.partition("://")[2]:
+        # u:1234/rest@host parses as host u, port 1234: the rest of the password would be
+        # the vhost (sent to host u) or a query value (repeated in pika's error)
+        raise ValueError("the broker URL has an '@' after its host (in a password, write '/' "
+                         "as %2F and '?' as %3F; elsewhere, '@' as %40)")
     options = _queryOptions(parsed.query)
     tls = {k: options.pop(k) for k in TLS_OPTIONS if k in options}
     if tls and parsed.scheme != "amqps":
@@ -171,9 +178,18 @@ def pikaParameters(broker: BrokerURL) -> pika.URLParameters:
     """What pika makes of the URL (credentials, vhost, its own options); ValueError if it
     refuses a value (pika's message names the option and its value, never the URL)."""
     try:
-        return pika.URLParameters(broker.pikaURL)
+        parameters = pika.URLParameters(broker.pikaURL)
     except (ValueError, TypeError, SyntaxError) as e:
         raise ValueError(f"broker URL: {e}") from None
+    # pika takes both, then fails every connection at tune-ok (the heartbeat is an AMQP short)
+    # or asserts in callLater once the broker blocks the connection.
+    if parameters.heartbeat is not None and parameters.heartbeat > MAX_HEARTBEAT_S:
+        raise ValueError(f"broker URL option heartbeat must be 0 to {MAX_HEARTBEAT_S} seconds")
+    blockedTimeout = parameters.blocked_connection_timeout
+    if blockedTimeout is not None and not math.isfinite(blockedTimeout):
+        raise ValueError("broker URL option blocked_connection_timeout must be a finite number "
+                         "of seconds")
+    return parameters
 
 
 def readPEM(option: str, path: str) -> bytes:
