@@ -67,11 +67,16 @@ def _isAddress(text: str) -> bool:
 
 
 def within(host: str, networks: Sequence[IPNetwork]) -> bool:
+    """An IPv4-mapped IPv6 address (how a dual-stack tcp6 listener sees an IPv4 peer) is
+    matched as the IPv4 address it is, too."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         return False
-    return any(address in network for network in networks)
+    forms: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [address]
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        forms.append(address.ipv4_mapped)
+    return any(form in network for form in forms for network in networks)
 
 
 @attrs.define

@@ -6,7 +6,7 @@ import collections
 import ipaddress
 
 import pytest
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
@@ -27,7 +27,7 @@ class Hello(Resource):
 
 class Connection:
     def __init__(self, site: GatewaySite, peer: str = "10.0.0.1") -> None:
-        address = IPv4Address("TCP", peer, 40_000)
+        address = (IPv6Address if ":" in peer else IPv4Address)("TCP", peer, 40_000)
         self.protocol = site.buildProtocol(address)
         assert self.protocol is not None
         self.transport = StringTransport(peerAddress=address)
@@ -123,9 +123,10 @@ def test_a_peer_may_hold_only_so_many_unfinished_requests() -> None:
     assert site.requestLimits.pending == {"10.0.0.1": 2, "10.0.0.2": 1}
 
 
-def test_a_trusted_proxy_is_never_limited_by_the_pending_count() -> None:
+@pytest.mark.parametrize("peer", ["10.0.0.1", "::ffff:10.0.0.1"])  # the second: on tcp6
+def test_a_trusted_proxy_is_never_limited_by_the_pending_count(peer: str) -> None:
     site, _clock = makeSite(maxPendingPerPeer=1, trusted="10.0.0.0/8")
-    connections = [Connection(site) for _ in range(5)]
+    connections = [Connection(site, peer) for _ in range(5)]
     assert not any(connection.closing for connection in connections)
 
 

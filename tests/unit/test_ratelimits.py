@@ -22,6 +22,9 @@ PROXIES = [ipaddress.ip_network("198.51.100.0/24"), ipaddress.ip_network("2001:d
     ("198.51.100.1", "not-an-address", "198.51.100.1"),
     ("198.51.100.1", "", "198.51.100.1"),
     ("2001:db8::1", "2001:db9::5", "2001:db9::5"),
+    # an IPv4 proxy as a dual-stack (tcp6) listener sees it, and as another proxy may write it
+    ("::ffff:198.51.100.1", "203.0.113.9", "203.0.113.9"),
+    ("198.51.100.1", "203.0.113.9, ::ffff:198.51.100.2", "203.0.113.9"),
 ])
 def test_the_client_address(peer: str, forwardedFor: str | None, expected: str) -> None:
     assert clientAddress(peer, forwardedFor, PROXIES) == expected
