@@ -4,6 +4,7 @@ variable twins for relaybus.tac (RELAYBUS_<OPTION>, e.g. RELAYBUS_MAX_IN_FLIGHT)
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -40,13 +41,13 @@ def _positiveInt(value: str) -> int:
 
 def _positiveFloat(value: str) -> float:
     number = float(value)
-    if not number > 0:
-        raise ValueError(f"must be a positive number, not {value}")
+    if not 0 < number < math.inf:  # NaN and infinity too: "never" would turn a defence off
+        raise ValueError(f"must be a finite positive number, not {value}")
     return number
 
 
 _positiveInt.coerceDoc = "A positive integer."  # type: ignore[attr-defined]
-_positiveFloat.coerceDoc = "A positive number of seconds."  # type: ignore[attr-defined]
+_positiveFloat.coerceDoc = "A finite positive number of seconds."  # type: ignore[attr-defined]
 
 
 def _checkBroker(broker: str) -> None:
@@ -106,12 +107,12 @@ _nonNegativeInt.coerceDoc = "0 or a positive integer."  # type: ignore[attr-defi
 
 def _nonNegativeFloat(value: str) -> float:
     number = float(value)
-    if not number >= 0:
-        raise ValueError(f"must be a number of seconds, 0 or more, not {value}")
+    if not 0 <= number < math.inf:
+        raise ValueError(f"must be a finite number, 0 or more, not {value}")
     return number
 
 
-_nonNegativeFloat.coerceDoc = "A number of seconds, 0 or more."  # type: ignore[attr-defined]
+_nonNegativeFloat.coerceDoc = "A finite number of seconds, 0 or more."  # type: ignore[attr-defined]
 
 
 def _commaList(value: str | None) -> tuple[str, ...]:

@@ -129,6 +129,11 @@ def test_default_timeout_equal_to_max_is_fine() -> None:
     pytest.param(["--auto-ping-interval", "nan"], id="auto-ping-nan"),
     pytest.param(["--auto-ping-timeout", "soon"], id="auto-ping-timeout-word"),
     pytest.param(["--open-handshake-timeout", "0"], id="handshake-timeout-zero"),
+    # infinity would turn a defence off without a word (no request deadline, expired tokens
+    # valid for ever) or break every handshake (a token bucket of int(inf) tokens)
+    pytest.param(["--open-handshake-timeout", "inf"], id="handshake-timeout-inf"),
+    pytest.param(["--handshakes-per-ip-per-second", "inf"], id="handshakes-per-ip-inf"),
+    pytest.param(["--drain-timeout", "1e400"], id="drain-timeout-overflow"),
     pytest.param(["--broker", "redis://localhost"], id="broker-redis"),
     pytest.param(["--broker", "http://rabbit/"], id="broker-http"),
     pytest.param(["--broker", "amqp://"], id="broker-no-host"),
@@ -365,6 +370,7 @@ def test_jwt_options_load_the_checker_once(tmp_path: Any) -> None:
     (["--jwt-algorithms", "none"], "'none' is never accepted"),
     (["--jwt-algorithms", "HS256,RS256"], "must not mix"),
     (["--jwt-leeway", "-1"], "0 or more"),
+    (["--jwt-leeway", "inf"], "finite"),  # expired tokens valid for ever
 ])
 def test_jwt_mistakes_are_usage_errors(tmp_path: Any, argv: list[str], message: str) -> None:
     if argv[0] == "--jwt-algorithms":
