@@ -47,6 +47,7 @@ from twisted.web.client import (
     ResponseFailed,
     ResponseNeverReceived,
 )
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IResponse
@@ -222,6 +223,8 @@ class _CappedEndpoints:
         self._policy = BrowserLikePolicyForHTTPS()
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        if uri.scheme not in (b"http", b"https"):  # never a clear-text fallback
+            raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
         endpoint: IStreamClientEndpoint = HostnameEndpoint(
             self._reactor, uri.host.decode("ascii"), uri.port, timeout=self._connectTimeoutS)
         if uri.scheme == b"https":

@@ -600,6 +600,17 @@ def test_a_body_in_tiny_chunks_is_cut_at_the_cap() -> None:
     assert "the response is larger than" in fetchError(wire.fetched)
 
 
+def test_the_endpoints_know_http_and_https_only() -> None:
+    """checkJWKSURL refuses other schemes at start; the endpoint factory, which picks TLS by
+    the scheme, never falls back to clear text for one it does not know."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    reactor = MemoryReactorClock()
+    fetched = AgentJWKSFetcher(reactor, "wss://idp.example/jwks.json").fetch()
+    assert fetchError(fetched) == "the request failed (SchemeNotSupported)"
+    assert reactor.tcpClients == [] and reactor.sslClients == []
+
+
 def test_a_set_over_the_real_agent_loads() -> None:
     wire = Wire()
     body = jwks(("k1", KEY1)).encode()
