@@ -16,7 +16,7 @@ from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from websockets.exceptions import InvalidStatus
 
 from relaybus.harness import freePort
@@ -163,10 +163,16 @@ def test_a_junk_set_is_refused_and_the_periodic_refresh_picks_up_the_next(
                                  "--handlers", "workers.examples"])
     good = connect(stack, **bearer(token("k1", sub="bob")))
     secret = b"an-hmac-secret-that-must-never-be-used-or-logged"
+    # An RSA d without its primes over a prime "modulus": PyJWT would search for the factors
+    # on the reactor (seconds per 1 KiB set), at every refresh.
+    prime = rsa.generate_private_key(65537, 2048).private_numbers().p
+    exponent = jwt.utils.to_base64url_uint(2 * (prime - 1) + 1).decode()
+    factorSearch = {"kty": "RSA", "kid": "k2", "n": jwt.utils.to_base64url_uint(prime).decode(),
+                    "e": exponent, "d": exponent}
     for junk in (b"{]", b'{"keys": []}', b" " * (2 * 1024 * 1024),
                  json.dumps({"keys": [{"kty": "oct", "kid": "k2",
                                        "k": jwt.utils.base64url_encode(secret).decode()}]})
-                 .encode()):
+                 .encode(), json.dumps({"keys": [factorSearch]}).encode()):
         before = stack.gateway.metrics().get('relaybus_jwks_refreshes_total{outcome="failed"}',
                                              0)
         keyServer.body = junk
@@ -187,6 +193,7 @@ def test_a_junk_set_is_refused_and_the_periodic_refresh_picks_up_the_next(
     assert good.call("whoami").data == {"principal": "bob"}  # an open connection stays
     log = stack.gateway.log
     assert "symmetric (oct) keys are refused" in log and "larger than 1048576 bytes" in log
+    assert "private key material is refused" in log and exponent not in log
     assert secret.decode() not in log and jwt.utils.base64url_encode(secret).decode() not in log
 
 
