@@ -169,6 +169,12 @@ class GatewaySite(Site):
         super().__init__(resource, reactor=limits.clock, **kwargs)
         self.requestLimits = limits
 
+    def acceptableProtocols(self) -> list[bytes]:
+        """HTTP/1.1 only, even with the h2 package installed: an h2 connection would be
+        twisted.web's H2Connection, under none of BoundedHTTPChannel's limits (and Autobahn
+        has no WebSocket over HTTP/2)."""
+        return [b"http/1.1"]
+
     def protocol(self) -> _GenericHTTPChannelProtocol:
         channel = BoundedHTTPChannel()
         channel.limits = self.requestLimits

@@ -168,3 +168,13 @@ def test_a_small_body_is_accepted() -> None:
     connection = Connection(site)
     connection.send(b"POST /hello HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n\r\nhello")
     assert connection.answer.startswith(b"HTTP/1.1 200")
+
+
+def test_http2_is_never_offered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the h2 package installed, twisted.web's Site offers h2 over TLS (ALPN), and an h2
+    connection is served by twisted.web's H2Connection: none of the limits above."""
+    import twisted.web.http
+
+    monkeypatch.setattr(twisted.web.http, "H2_ENABLED", True)
+    site, _clock = makeSite()
+    assert site.acceptableProtocols() == [b"http/1.1"]
